@@ -1,0 +1,266 @@
+"""The streaming engine: plans the tensors, checks the inputs, streams each tensor through a method on a device,
+and writes size-capped shards atomically together with config, tokenizer and a model card."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from unmerge.checkpoint import Checkpoint, ShardedWriter, atomic_output_dir, sha256_file, write_json_atomic
+from unmerge.errors import CheckpointError, MethodError, StatisticError
+from unmerge.methods import Method, TensorTask, get_method
+from unmerge.methods.params import ParamPlan
+from unmerge.stats import Statistic
+
+log = logging.getLogger(__name__)
+
+COPIED_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+TIED_HEADS = {"lm_head.weight": ("transformer.wte.weight", "model.embed_tokens.weight", "embed_tokens.weight")}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MethodError("--device cuda was asked for but no CUDA device is available", "use --device auto or cpu")
+    return torch.device(device)
+
+
+def checkpoint_hash(ckpt: Checkpoint) -> str:
+    """sha256 over the weight files of a checkpoint ('file sha' lines in order)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in ckpt.files():
+        digest.update(f"{file.name} {sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    method: str
+    params: dict[str, Any]
+    totals: dict[str, float] = field(default_factory=dict)
+    per_tensor: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _tied_skips(ckpt: Checkpoint) -> dict[str, str]:
+    """Names that duplicate another tensor (tied heads): merged once, recorded, not re-stored."""
+    config = ckpt.config or {}
+    if not config.get("tie_word_embeddings", True):
+        return {}
+    skips = {}
+    for head, embeddings in TIED_HEADS.items():
+        for emb in embeddings:
+            if head in ckpt and emb in ckpt and ckpt.meta(head)[0] == ckpt.meta(emb)[0]:
+                skips[head] = emb
+    return skips
+
+
+def check_compatible(reference: Checkpoint, others: list[Checkpoint], names: list[str]) -> None:
+    """Same architecture, vocabulary size, tensor names and shapes; errors name the tensor and both models."""
+    ref_cfg = reference.config or {}
+    for other in others:
+        cfg = other.config or {}
+        for key in ("architectures", "vocab_size", "model_type"):
+            if key in ref_cfg and key in cfg and ref_cfg[key] != cfg[key]:
+                raise CheckpointError(
+                    f"'{other.path}' has {key} = {cfg[key]!r} but '{reference.path}' has {ref_cfg[key]!r}",
+                    "merge only models fine-tuned from the same base (same architecture and tokenizer)",
+                )
+        for name in names:
+            if name not in other:
+                raise CheckpointError(f"tensor '{name}' is in '{reference.path}' but missing from '{other.path}'",
+                                      "the models must have the same parameters")
+            if other.meta(name)[0] != reference.meta(name)[0]:
+                raise CheckpointError(
+                    f"tensor '{name}' has shape {list(other.meta(name)[0])} in '{other.path}' but "
+                    f"{list(reference.meta(name)[0])} in '{reference.path}'",
+                    "the models must share the architecture and vocabulary",
+                )
+
+
+def check_statistic(stat: Statistic, model: Checkpoint, names: list[str], model_hash: str | None, force: bool) -> None:
+    """A statistic must belong to its model: same float tensor names and shapes, and the recorded model hash."""
+    for name in names:
+        if name not in stat:
+            raise StatisticError(f"statistic '{stat.path}' has no tensor '{name}' of model '{model.path}'",
+                                 "compute the statistic for this model")
+        if stat.checkpoint.meta(name)[0] != model.meta(name)[0]:
+            raise StatisticError(
+                f"statistic '{stat.path}' has shape {list(stat.checkpoint.meta(name)[0])} for '{name}', the model "
+                f"'{model.path}' has {list(model.meta(name)[0])}", "compute the statistic for this model")
+    recorded = stat.meta.get("model_hash")
+    if recorded and model_hash and recorded != model_hash and not force:
+        raise StatisticError(
+            f"statistic '{stat.path}' was computed for another model (hash {recorded[:12]}…, "
+            f"'{model.path}' is {model_hash[:12]}…)", "compute it for this model, or pass --force to use it anyway")
+
+
+def _float_names(ckpt: Checkpoint, names: list[str]) -> list[str]:
+    return [n for n in names if ckpt.meta(n)[1].is_floating_point]
+
+
+def merge_checkpoints(
+    method: str | Method,
+    base: Checkpoint | None,
+    models: list[Checkpoint],
+    out_dir: str | Path,
+    *,
+    params: dict[str, Any] | None = None,
+    model_params: list[dict[str, Any]] | None = None,
+    stats: dict[str, list[Statistic]] | None = None,
+    device: str = "auto",
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = 2 * 1024**3,
+    tokenizer_source: Checkpoint | None = None,
+    force: bool = False,
+    progress: bool = True,
+    description: dict[str, Any] | None = None,
+) -> MergeResult:
+    """Merge ``models`` (onto ``base``) with a registered method, streaming one tensor at a time."""
+    start = time.perf_counter()
+    method = get_method(method) if isinstance(method, str) else method
+    stats = stats or {}
+    if method.needs_base and base is None:
+        raise MethodError(f"method '{method.name}' needs a base model", "set base_model")
+    if len(models) < method.min_models or (method.max_models and len(models) > method.max_models):
+        most = method.max_models or "any number of"
+        raise MethodError(f"method '{method.name}' takes {method.min_models} to {most} models, got {len(models)}")
+    for kind in method.stats:
+        want = 1 if kind.startswith("base_") else len(models)
+        if len(stats.get(kind, [])) != want:
+            raise StatisticError(f"method '{method.name}' needs {want} '{kind}' statistic(s), got "
+                                 f"{len(stats.get(kind, []))}", f"pass --{kind.replace('_', '-')} paths")
+    reference = base or models[0]
+    skips = _tied_skips(reference)
+    names = [n for n in reference.names() if n not in skips]
+    check_compatible(reference, [m for m in models if m is not reference], names)
+    float_names = _float_names(reference, names)
+
+    hashes = {str(c.path): checkpoint_hash(c) for c in ([base] if base else []) + models}
+    for kind, items in stats.items():
+        owners = [base] if kind.startswith("base_") else models
+        for stat, owner in zip(items, owners):
+            check_statistic(stat, owner, float_names, hashes.get(str(owner.path)), force)
+            hashes[str(stat.path)] = checkpoint_hash(stat.checkpoint)
+
+    n_layers = (reference.config or {}).get("num_hidden_layers") or (reference.config or {}).get("n_layer")
+    plan = ParamPlan.build(method, params, model_params or [{} for _ in models], n_layers)
+    _fill_counts_from_stats(plan, stats)
+
+    dev = resolve_device(device)
+    result = MergeResult(Path(out_dir), method.name, plan.as_dict())
+    inputs = [c.directory for c in ([base] if base else []) + models] + [s.checkpoint.directory for v in stats.values()
+                                                                       for s in v]
+    any_nonzero = {kind: False for kind in stats}
+
+    def load(name: str) -> tuple[torch.Tensor | None, list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+        base_t = base.get(name) if base else None
+        model_ts = [m.get(name) for m in models]
+        stat_ts = {}
+        if name in float_names:
+            for kind, items in stats.items():
+                stat_ts[kind] = [s.get(name) for s in items]
+                for s, t in zip(items, stat_ts[kind]):
+                    s.check_tensor(name, t)
+        return base_t, model_ts, stat_ts
+
+    with atomic_output_dir(out_dir, inputs=inputs, overwrite=overwrite) as tmp:
+        writer = ShardedWriter(tmp, max_shard_bytes=max_shard_bytes)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(load, names[0]) if names else None
+            for i, name in enumerate(tqdm(names, desc=f"merge:{method.name}", disable=not progress, unit="tensor")):
+                base_t, model_ts, stat_ts = pending.result()
+                pending = pool.submit(load, names[i + 1]) if i + 1 < len(names) else None
+                if name not in float_names:
+                    writer.add(name, base_t if base_t is not None else model_ts[0])
+                    continue
+                out_dtype = dtype or (base_t if base_t is not None else model_ts[0]).dtype
+                for kind, ts in stat_ts.items():
+                    any_nonzero[kind] = any_nonzero[kind] or any(bool((t != 0).any()) for t in ts)
+                task = TensorTask(
+                    name=name,
+                    base=None if base_t is None else base_t.to(dev, torch.float32),
+                    models=[t.to(dev, torch.float32) for t in model_ts],
+                    params=plan.for_tensor(name),
+                    stats={k: [t.to(dev, torch.float32) for t in v] for k, v in stat_ts.items()},
+                )
+                merged = method.fn(task)
+                if not torch.isfinite(merged).all():
+                    raise MethodError(f"method '{method.name}' produced NaN/Inf in '{name}'",
+                                      "check the inputs for NaN/Inf and the method parameters")
+                writer.add(name, merged.to(out_dtype))
+                if task.record:
+                    result.per_tensor[name] = task.record
+        for kind, seen in any_nonzero.items():
+            if not seen:
+                raise StatisticError(f"every '{kind}' statistic value is zero", "re-estimate it on non-empty data")
+        writer.finish()
+        _copy_side_files(reference, tokenizer_source or base or models[0], tmp)
+        result.totals = _totals(result.per_tensor)
+        for head, emb in skips.items():
+            result.per_tensor.setdefault(head, {})["tied_to"] = emb
+        result.seconds = time.perf_counter() - start
+        info = {"method": method.name, "formula": method.formula, "params": plan.as_dict(), "inputs": hashes,
+                "device": str(dev), "totals": result.totals, "tied": skips, "seconds": round(result.seconds, 3),
+                "description": description or {}, "per_tensor": result.per_tensor}
+        write_json_atomic(tmp / "merge_info.json", info)
+        (tmp / "README.md").write_text(_model_card(info))
+    return result
+
+
+def _fill_counts_from_stats(plan: ParamPlan, stats: dict[str, list[Statistic]]) -> None:
+    """Defaults for N₀ / N_f (``n_base`` / ``n_forget``) come from the statistics' recorded N."""
+    names = {p.name for p in plan.method.params}
+    for param, kind in (("n_base", "base_fisher"), ("n_forget", "fisher")):
+        if param in names and plan.global_values.get(param) is None and stats.get(kind):
+            n = stats[kind][0].n
+            if n is None:
+                raise StatisticError(f"statistic '{stats[kind][0].path}' records no N", f"pass {param} explicitly")
+            plan.overrides[param] = n
+
+
+def _totals(per_tensor: dict[str, dict[str, Any]]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for record in per_tensor.values():
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key in ("numel", "clamped", "nonpositive", "floored"):
+                totals[key] = totals.get(key, 0) + value
+    if totals.get("numel"):
+        totals["clamped_fraction"] = totals.get("clamped", 0) / totals["numel"]
+    return totals
+
+
+def _copy_side_files(reference: Checkpoint, tokenizer_source: Checkpoint, out: Path) -> None:
+    for name in COPIED_FILES:
+        if (reference.directory / name).exists():
+            shutil.copy2(reference.directory / name, out / name)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_source.directory / name).exists():
+            shutil.copy2(tokenizer_source.directory / name, out / name)
+
+
+def _model_card(info: dict[str, Any]) -> str:
+    inputs = "\n".join(f"| `{path}` | `{digest}` |" for path, digest in info["inputs"].items())
+    totals = json.dumps(info["totals"], indent=2) if info["totals"] else "{}"
+    return (
+        f"# Merged with unmerge: `{info['method']}`\n\n"
+        f"Formula: `{info['formula']}`\n\n"
+        f"## Parameters\n```json\n{json.dumps(info['params'], indent=2, default=str)}\n```\n\n"
+        f"## Inputs (sha256 of weight files)\n| input | sha256 |\n|---|---|\n{inputs}\n\n"
+        f"## Diagnostics\n```json\n{totals}\n```\n\nDevice: {info['device']}; {info['seconds']} s.\n"
+    )

@@ -1,0 +1,71 @@
+"""Linear combinations: weighted averaging, task arithmetic and its negation baseline."""
+from __future__ import annotations
+
+import torch
+
+from unmerge.methods.registry import Method, Param, TensorTask, register
+
+
+def linear(models: list[torch.Tensor], weights: list[float], normalize: bool = True) -> torch.Tensor:
+    """θ = Σ w_i θ_i / Σ w_i (normalize) or Σ w_i θ_i."""
+    total = sum(w * m for w, m in zip(weights, models))
+    if normalize:
+        denom = sum(weights)
+        if denom == 0:
+            raise ZeroDivisionError("the weights sum to zero; set normalize: false")
+        total = total / denom
+    return total
+
+
+def task_arithmetic(base: torch.Tensor, models: list[torch.Tensor], weights: list[float], lam: float = 1.0) -> torch.Tensor:
+    """θ = θ₀ + λ Σ_t w_t (θ_t − θ₀)."""
+    delta = sum(w * (m - base) for w, m in zip(weights, models))
+    return base + lam * delta
+
+
+def negation(base: torch.Tensor, forget: torch.Tensor, alpha: float) -> torch.Tensor:
+    """θ = θ₀ − α (θ_f − θ₀): task arithmetic with weight −α."""
+    return task_arithmetic(base, [forget], [-alpha])
+
+
+WEIGHT = Param("weight", 1.0, float, "per-model weight w_i (negative to subtract)", per_model=True)
+
+
+def _linear(task: TensorTask) -> torch.Tensor:
+    try:
+        return linear(task.models, task.params["weight"], task.params["normalize"])
+    except ZeroDivisionError as exc:
+        from unmerge.errors import MethodError
+
+        raise MethodError(f"linear merge of '{task.name}': {exc}") from None
+
+
+register(Method(
+    name="linear",
+    fn=_linear,
+    summary="weighted average of the models (model soup)",
+    formula="θ = Σ w_i θ_i / Σ w_i  (or Σ w_i θ_i with normalize: false)",
+    params=(WEIGHT, Param("normalize", True, bool, "divide by the sum of weights")),
+    needs_base=False,
+))
+
+register(Method(
+    name="task_arithmetic",
+    fn=lambda t: task_arithmetic(t.base, t.models, t.params["weight"], t.params["lambda"]),
+    summary="add scaled task vectors to the base (Ilharco et al., 2023); negation is w < 0",
+    formula="θ = θ₀ + λ Σ w_t (θ_t − θ₀)",
+    params=(WEIGHT, Param("lambda", 1.0, float, "global scale λ of the summed task vectors", aliases=("scaling_coef",))),
+))
+
+ALPHA = Param("alpha", 1.0, float, "removal strength α", minimum=0.0, min_exclusive=True)
+
+register(Method(
+    name="negation",
+    fn=lambda t: negation(t.base, t.models[0], t.params["alpha"]),
+    summary="subtract the forget task vector (task-arithmetic negation baseline)",
+    formula="θ = θ₀ − α (θ_f − θ₀)",
+    params=(ALPHA,),
+    min_models=1,
+    max_models=1,
+    aliases=("task_arithmetic_negation",),
+))

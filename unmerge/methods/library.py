@@ -1,0 +1,3 @@
+"""Imports every method module so that the registry is complete. Add a new module here."""
+from unmerge.methods import arithmetic  # noqa: F401
+from unmerge.methods import removal  # noqa: F401
