@@ -179,6 +179,21 @@ def merge_checkpoints(
                     s.check_tensor(name, t)
         return base_t, model_ts, stat_ts
 
+    def make_task(name: str, base_t: torch.Tensor | None, model_ts: list[torch.Tensor],
+                  stat_ts: dict[str, list[torch.Tensor]], context: dict[str, Any]) -> TensorTask:
+        return TensorTask(
+            name=name,
+            base=None if base_t is None else base_t.to(dev, torch.float32),
+            models=[t.to(dev, torch.float32) for t in model_ts],
+            params=plan.for_tensor(name),
+            stats={k: [t.to(dev, torch.float32) for t in v] for k, v in stat_ts.items()},
+            context=context,
+        )
+
+    context: dict[str, Any] = {}
+    if method.prepass is not None:
+        context = method.prepass(lambda: (make_task(n, *load(n), {}) for n in float_names))
+
     with atomic_output_dir(out_dir, inputs=inputs, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes=max_shard_bytes)
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -192,13 +207,7 @@ def merge_checkpoints(
                 out_dtype = dtype or (base_t if base_t is not None else model_ts[0]).dtype
                 for kind, ts in stat_ts.items():
                     any_nonzero[kind] = any_nonzero[kind] or any(bool((t != 0).any()) for t in ts)
-                task = TensorTask(
-                    name=name,
-                    base=None if base_t is None else base_t.to(dev, torch.float32),
-                    models=[t.to(dev, torch.float32) for t in model_ts],
-                    params=plan.for_tensor(name),
-                    stats={k: [t.to(dev, torch.float32) for t in v] for k, v in stat_ts.items()},
-                )
+                task = make_task(name, base_t, model_ts, stat_ts, context)
                 merged = method.fn(task)
                 if not torch.isfinite(merged).all():
                     raise MethodError(f"method '{method.name}' produced NaN/Inf in '{name}'",
@@ -217,21 +226,30 @@ def merge_checkpoints(
         result.seconds = time.perf_counter() - start
         info = {"method": method.name, "formula": method.formula, "params": plan.as_dict(), "inputs": hashes,
                 "device": str(dev), "totals": result.totals, "tied": skips, "seconds": round(result.seconds, 3),
-                "description": description or {}, "per_tensor": result.per_tensor}
+                "description": description or {}, "prepass": context, "per_tensor": result.per_tensor}
         write_json_atomic(tmp / "merge_info.json", info)
         (tmp / "README.md").write_text(_model_card(info))
     return result
 
 
 def _fill_counts_from_stats(plan: ParamPlan, stats: dict[str, list[Statistic]]) -> None:
-    """Defaults for N₀ / N_f (``n_base`` / ``n_forget``) come from the statistics' recorded N."""
-    names = {p.name for p in plan.method.params}
-    for param, kind in (("n_base", "base_fisher"), ("n_forget", "fisher")):
-        if param in names and plan.global_values.get(param) is None and stats.get(kind):
-            n = stats[kind][0].n
-            if n is None:
-                raise StatisticError(f"statistic '{stats[kind][0].path}' records no N", f"pass {param} explicitly")
-            plan.overrides[param] = n
+    """Defaults for N₀ / N_f / per-model N (``n_base`` / ``n_forget`` / ``n``) come from the statistics' recorded N."""
+    params = {p.name: p for p in plan.method.params}
+    for name, kind in (("n_base", "base_fisher"), ("n_forget", "fisher"), ("n", "fisher")):
+        if name not in params or plan.global_values.get(name) is not None or not stats.get(kind):
+            continue
+        if params[name].per_model:
+            for values, stat in zip(plan.model_values, stats[kind]):
+                if values.get(name) is None:
+                    values[name] = _recorded_n(stat, name)
+        else:
+            plan.overrides[name] = _recorded_n(stats[kind][0], name)
+
+
+def _recorded_n(stat: Statistic, param: str) -> float:
+    if stat.n is None:
+        raise StatisticError(f"statistic '{stat.path}' records no N", f"pass {param} explicitly")
+    return stat.n
 
 
 def _totals(per_tensor: dict[str, dict[str, Any]]) -> dict[str, float]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -52,10 +52,14 @@ class Param:
                 raise MethodError(f"{where} must be finite, got {value!r}")
             low_bad = self.minimum is not None and (value <= self.minimum if self.min_exclusive else value < self.minimum)
             if low_bad or (self.maximum is not None and value > self.maximum):
-                low = "(" if self.min_exclusive else "["
-                raise MethodError(f"{where} is {value}, outside {low}{self.minimum}, {self.maximum}]")
+                raise MethodError(f"{where} is {value}, outside {self.interval()}")
             return value
         return self.kind(value)
+
+    def interval(self) -> str:
+        low = "(-inf" if self.minimum is None else f"{'(' if self.min_exclusive else '['}{self.minimum:g}"
+        high = "inf)" if self.maximum is None else f"{self.maximum:g}]"
+        return f"{low}, {high}"
 
     def describe(self) -> str:
         scope = "per model" if self.per_model else "global"
@@ -63,7 +67,7 @@ class Param:
         if self.choices:
             rng = f" one of {', '.join(map(str, self.choices))}"
         elif self.minimum is not None or self.maximum is not None:
-            rng = f" in {'(' if self.min_exclusive else '['}{self.minimum}, {self.maximum}]"
+            rng = f" in {self.interval()}"
         alias = f" (also: {', '.join(self.aliases)})" if self.aliases else ""
         return f"{self.name} = {self.default!r} [{scope}{rng}]{alias}: {self.doc}"
 
@@ -74,6 +78,7 @@ class TensorTask:
 
     ``stats`` maps a statistic kind to tensors aligned with ``models`` (``fisher``) or to one tensor for the base
     (``base_fisher``). Methods write per-tensor diagnostics (e.g. the guard's clamped count) into ``record``.
+    ``context`` holds the result of the method's whole-model pre-pass (e.g. a global top-k threshold), if any.
     """
 
     name: str
@@ -82,6 +87,10 @@ class TensorTask:
     params: dict[str, Any]
     stats: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+Prepass = Callable[[Callable[[], Iterator[TensorTask]]], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,9 @@ class Method:
     max_models: int | None = None
     aliases: tuple[str, ...] = ()
     symmetric: bool = True  # permuting the input models does not change the result
+    # Whole-model pre-pass: called with a factory of fresh streams of TensorTasks (one tensor at a time, so it can
+    # take several passes without holding the model); returns the JSON-able ``context`` given to every task.
+    prepass: Prepass | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:

@@ -1,0 +1,120 @@
+"""Recipes: one YAML file describes a whole unlearning run. Loaded with ``yaml.safe_load`` (no tags, no code),
+validated against the schema below with 'did you mean' hints, and resolved (defaults filled in)."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unmerge.errors import RecipeError, did_you_mean
+
+ANY = object()
+
+# section -> key -> default (ANY: required or free-form). Nested dicts are sections of their own.
+SCHEMA: dict[str, Any] = {
+    "name": "run",
+    "description": "",
+    "seed": 0,
+    "base_model": ANY,
+    "oracle_model": None,
+    "data": {"forget": ANY, "retain": ANY, "forget_limit": None, "retain_limit": None, "synthetic": False},
+    "finetune": {"epochs": 2.0, "max_steps": -1, "learning_rate": 5e-4, "batch_size": 16, "max_length": 128,
+                 "weight_decay": 0.0, "warmup_ratio": 0.0},
+    "fisher": {
+        "base": {"data": "retain", "examples": 300, "estimator": "sampled", "level": "sequence", "batch_size": 16,
+                 "max_length": 128, "n": None},
+        "forget": {"data": "forget", "examples": 300, "estimator": "sampled", "level": "sequence", "batch_size": 16,
+                   "max_length": 128, "n": None},
+    },
+    "removal": {"methods": ["uncertainty_removal", "negation", "fisher_negation"],
+                "alpha": [0.25, 0.5, 0.75, 1.0], "params": {}, "alphas": {}},
+    "evaluate": {
+        "toxicity": {"scorer": "profanity-check", "prompts": "builtin:prompts", "prompt_limit": None,
+                     "samples_per_prompt": 4, "max_new_tokens": 20, "do_sample": True, "top_p": 0.9, "top_k": 0,
+                     "temperature": 1.0, "seed": 0, "batch_size": 64},
+        "perplexity": {"data": "builtin:heldout", "limit": None, "max_length": None, "stride": None,
+                       "batch_size": 16},
+        "accuracy": {"task": "builtin:cloze", "limit": None},
+        "forget_quality": {"holdout": None, "members": 500, "k": 20},
+    },
+    "select": {"minimize": "toxicity.mean", "maximize": None, "subject_to": "perplexity <= 1.05 * base"},
+    "report": {"dir": None, "title": None, "tradeoff_y": "toxicity.mean", "tradeoff_x": "perplexity",
+               "caveats": []},
+}
+FREE_FORM = {("removal", "params"), ("removal", "alphas")}
+OPTIONAL_SECTIONS = {("evaluate", "toxicity"), ("evaluate", "perplexity"), ("evaluate", "accuracy"),
+                     ("evaluate", "forget_quality")}
+
+
+def load_recipe(source: str | Path | dict) -> dict[str, Any]:
+    """Parse (safe YAML) and validate a recipe; returns the recipe as given (a dict)."""
+    if isinstance(source, dict):
+        given = copy.deepcopy(source)
+        where = "recipe"
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise RecipeError(f"recipe '{path}' does not exist", "see recipes/ for examples")
+        try:
+            given = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"recipe '{path}' is not valid YAML (tags that construct objects are refused): {exc}",
+                              "recipes are plain data: mappings, lists, strings and numbers") from None
+        where = str(path)
+    if not isinstance(given, dict):
+        raise RecipeError(f"recipe '{where}' must be a mapping at the top level")
+    _check(given, SCHEMA, (), where)
+    return given
+
+
+def resolve_recipe(given: dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults filled in, overrides (``seed``, ``report.dir``) applied. Sections absent from a given ``evaluate``
+    stay absent (the protocol is not run)."""
+    resolved = _fill(given, SCHEMA, ())
+    for key, value in (overrides or {}).items():
+        node = resolved
+        *parents, last = key.split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[last] = value
+    if resolved["select"].get("maximize"):
+        resolved["select"]["minimize"] = None
+    return resolved
+
+
+def _check(given: dict, schema: dict, path: tuple[str, ...], where: str) -> None:
+    for key, value in given.items():
+        if key not in schema:
+            dotted = ".".join(path + (key,))
+            raise RecipeError(f"unknown recipe key '{dotted}' in '{where}'", did_you_mean(key, schema))
+        sub = schema[key]
+        if isinstance(sub, dict) and path + (key,) not in FREE_FORM:
+            if value is None and path + (key,) in OPTIONAL_SECTIONS:
+                continue
+            if not isinstance(value, dict):
+                raise RecipeError(f"recipe key '{'.'.join(path + (key,))}' in '{where}' must be a mapping")
+            _check(value, sub, path + (key,), where)
+    for key, sub in schema.items():
+        if sub is ANY and key not in given and path + (key,) not in FREE_FORM:
+            raise RecipeError(f"recipe '{where}' lacks the required key '{'.'.join(path + (key,))}'")
+
+
+def _fill(given: dict, schema: dict, path: tuple[str, ...]) -> dict:
+    out: dict[str, Any] = {}
+    for key, sub in schema.items():
+        here = path + (key,)
+        if isinstance(sub, dict) and here not in FREE_FORM:
+            if here in OPTIONAL_SECTIONS and given and given.get(key) is None:
+                continue  # a given `evaluate:` runs only the protocols it names
+            out[key] = _fill(given.get(key) or {}, sub, here)
+        elif key in given:
+            out[key] = copy.deepcopy(given[key])
+        elif sub is not ANY:
+            out[key] = copy.deepcopy(sub)
+    return out
+
+
+def dump_recipe(recipe: dict[str, Any]) -> str:
+    return yaml.safe_dump(recipe, sort_keys=False)

@@ -1,0 +1,131 @@
+"""Fine-tune a causal LM on the forget set with the transformers Trainer (fp32 on CPU), and keep AdamW's second
+moment ``exp_avg_sq`` as a free (biased, recorded as such) Fisher proxy."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from unmerge.checkpoint import Checkpoint, atomic_output_dir, write_json_atomic
+from unmerge.engine import checkpoint_hash
+from unmerge.models import load_causal_lm
+from unmerge.stats import save_statistic
+from unmerge.text import encode_examples, fingerprint_texts, model_context
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: float = 2.0
+    max_steps: int = -1
+    learning_rate: float = 5e-4
+    batch_size: int = 16
+    max_length: int = 128
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    seed: int = 0
+
+
+class _Examples(torch.utils.data.Dataset):
+    def __init__(self, examples: list[list[int]]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> list[int]:
+        return self.examples[index]
+
+
+def collate_right_padded(batch: list[list[int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right padding; padded labels are -100 and masked out of attention."""
+    width = max(len(ids) for ids in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, seq in enumerate(batch):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def _second_moments(trainer, model) -> dict[str, torch.Tensor]:
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    out = {}
+    for name, param in model.named_parameters():
+        state = optimizer.state.get(param, {})
+        if "exp_avg_sq" in state:
+            out[name] = state["exp_avg_sq"].detach().float().cpu()
+    return out
+
+
+def finetune(model_path: str | Path, texts: list[str], out_dir: str | Path, config: FinetuneConfig | None = None,
+             *, device: str = "auto", progress: bool = True, overwrite: bool = False) -> dict:
+    """Train ``model_path`` on ``texts``; write the model (HF layout, safetensors), its tokenizer, the AdamW second
+    moment (``adam_v/`` statistic) and ``training_info.json`` to ``out_dir`` atomically. Returns the info."""
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    config = config or FinetuneConfig()
+    set_seed(config.seed)
+    model, tokenizer = load_causal_lm(model_path, device="cpu")
+    max_length = min(config.max_length, model_context(model.config))
+    examples = encode_examples(tokenizer, texts, max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    with atomic_output_dir(out_dir, inputs=[Path(model_path)], overwrite=overwrite) as tmp:
+        args = TrainingArguments(
+            output_dir=str(tmp / "trainer"),
+            num_train_epochs=config.epochs,
+            max_steps=config.max_steps,
+            learning_rate=config.learning_rate,
+            per_device_train_batch_size=config.batch_size,
+            weight_decay=config.weight_decay,
+            warmup_ratio=config.warmup_ratio,
+            seed=config.seed,
+            data_seed=config.seed,
+            save_strategy="no",
+            report_to=[],
+            logging_steps=25,
+            disable_tqdm=not progress,
+            use_cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()),
+            dataloader_num_workers=0,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=_Examples(examples),
+                          data_collator=lambda batch: collate_right_padded(batch, pad_id))
+        result = trainer.train()
+        model = trainer.model
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        info = {
+            "config": asdict(config),
+            "n_examples": len(examples),
+            "data_fingerprint": fingerprint_texts(texts),
+            "base_model": str(model_path),
+            "steps": trainer.state.global_step,
+            "train_loss": result.training_loss,
+            "loss_curve": losses,
+            "seconds": round(time.perf_counter() - start, 2),
+            "torch_threads": torch.get_num_threads(),
+        }
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        moments = _second_moments(trainer, model)
+        if moments:
+            save_statistic(moments, {"kind": "adam_v", "estimator": "adam_exp_avg_sq", "N": len(examples),
+                                     "n_examples": len(examples), "note": "AdamW exp_avg_sq after fine-tuning: a "
+                                     "biased, decayed Fisher proxy, not a Fisher", "model_hash": None,
+                                     "data_fingerprint": info["data_fingerprint"]}, tmp / "adam_v")
+        info["model_hash"] = checkpoint_hash(Checkpoint(tmp))
+        write_json_atomic(tmp / "training_info.json", info)
+    log.info("fine-tuned %s on %d examples in %.1fs", model_path, len(examples), info["seconds"])
+    return info
+
+
+def read_training_info(model_dir: str | Path) -> dict:
+    return json.loads((Path(model_dir) / "training_info.json").read_text())

@@ -1,0 +1,349 @@
+"""The unlearning workflow as a graph of cached stages:
+
+    base ─┬─ finetune (forget model) ─ fisher:forget ─┐
+          └─ fisher:base ─────────────────────────────┴─ removal candidates (method × α) ─ evaluate ─ report
+
+Every stage output is content-addressed by its configuration and upstream keys, written atomically and locked, so
+an interrupted run re-run with the same recipe resumes after the last completed stage.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from unmerge import __version__
+from unmerge.cache import StageCache, default_cache_dir, stage_key
+from unmerge.checkpoint import Checkpoint, sha256_file, write_json_atomic
+from unmerge.engine import checkpoint_hash, merge_checkpoints, resolve_device
+from unmerge.errors import RecipeError, did_you_mean
+from unmerge.methods import get_method
+from unmerge.methods.removal import REMOVAL_METHODS
+from unmerge.models import load_causal_lm, resolve_model
+from unmerge.recipe import load_recipe, resolve_recipe
+from unmerge.sources import load_items, load_texts
+from unmerge.stats import Statistic
+from unmerge.stats.compute import estimate_fisher
+from unmerge.text import fingerprint_texts
+from unmerge.train import FinetuneConfig, finetune
+
+log = logging.getLogger(__name__)
+
+
+def source_key(spec: Any) -> str:
+    """A cheap identity for a data or model reference: builtin name + version, local file/dir hash, or hub id."""
+    text = json.dumps(spec, sort_keys=True) if isinstance(spec, dict) else str(spec)
+    if text.startswith("builtin:"):
+        return f"{text}@unmerge-{__version__}"
+    path = Path(text)
+    if path.is_file():
+        return f"{path.name}:{sha256_file(path)}"
+    if path.is_dir():
+        return f"{path.name}:{checkpoint_hash(Checkpoint(path))}"
+    return text
+
+
+@dataclass
+class Candidate:
+    name: str
+    path: Path
+    method: str = ""
+    alpha: float | None = None
+    key: str = ""
+    merge_totals: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PlanStep:
+    stage: str
+    what: str
+    output: Path
+    run: Callable[[], Any]
+
+    @property
+    def cached(self) -> bool:
+        return self.output.exists()
+
+
+class UnlearningRun:
+    """Plans and executes one recipe."""
+
+    def __init__(self, recipe: str | Path | dict, *, out: str | Path | None = None, seed: int | None = None,
+                 device: str = "auto", cache_dir: str | Path | None = None, progress: bool = True,
+                 overwrite: bool = True):
+        self.recipe_source = str(recipe) if not isinstance(recipe, dict) else "<dict>"
+        self.given = load_recipe(recipe)
+        overrides = {}
+        if seed is not None:
+            overrides["seed"] = seed
+        if out is not None:
+            overrides["report.dir"] = str(out)
+        self.recipe = resolve_recipe(self.given, overrides)
+        if not self.recipe["report"]["dir"]:
+            self.recipe["report"]["dir"] = f"reports/{self.recipe['name']}"
+        self.out = Path(self.recipe["report"]["dir"])
+        self.device = device
+        self.cache = StageCache(cache_dir or default_cache_dir() / "runs")
+        self.progress = progress
+        self.overwrite = overwrite
+        self.timings: dict[str, float] = {}
+        self.inputs: dict[str, str] = {}
+        self._texts: dict[str, list[str]] = {}
+        self._validate()
+
+    # -- validation ------------------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        removal = self.recipe["removal"]
+        for name in removal["methods"]:
+            method = get_method(name)
+            if method.name not in REMOVAL_METHODS:
+                raise RecipeError(f"'{name}' is not a removal method", did_you_mean(name, REMOVAL_METHODS))
+            method.canonical_params(removal["params"].get(name, {}))
+        for alpha in self._alphas_all():
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+                raise RecipeError(f"removal alpha {alpha!r} must be a positive number")
+        for side in ("base", "forget"):
+            est = self.recipe["fisher"][side]["estimator"]
+            if est not in ("sampled", "empirical"):
+                raise RecipeError(f"fisher.{side}.estimator is '{est}'", did_you_mean(est, ["sampled", "empirical"]))
+
+    def _alphas_all(self) -> list[float]:
+        removal = self.recipe["removal"]
+        return list(removal["alpha"]) + [a for v in removal["alphas"].values() for a in v]
+
+    def alphas(self, method: str) -> list[float]:
+        return list(self.recipe["removal"]["alphas"].get(method, self.recipe["removal"]["alpha"]))
+
+    # -- data ------------------------------------------------------------------------------------------------
+    def texts(self, ref: Any, limit: int | None = None) -> list[str]:
+        if ref in ("forget", "retain"):
+            data = self.recipe["data"]
+            return self.texts(data[ref], data.get(f"{ref}_limit"))
+        key = json.dumps([ref, limit], sort_keys=True, default=str)
+        if key not in self._texts:
+            self._texts[key] = load_texts(ref, limit)
+            self.inputs[f"data:{ref if isinstance(ref, str) else json.dumps(ref)}"] = fingerprint_texts(
+                self._texts[key])
+        return self._texts[key]
+
+    def data_key(self, ref: Any) -> str:
+        if ref in ("forget", "retain"):
+            data = self.recipe["data"]
+            return source_key(data[ref]) + f"|limit={data.get(f'{ref}_limit')}"
+        return source_key(ref)
+
+    # -- the plan --------------------------------------------------------------------------------------------
+    def plan(self) -> list[PlanStep]:
+        r = self.recipe
+        seed = r["seed"]
+        base_id = source_key(r["base_model"])
+        ft_spec = {"base": base_id, "data": self.data_key("forget"), "cfg": r["finetune"], "seed": seed}
+        ft_key = stage_key("finetune", ft_spec)
+        ft_dir = self.cache.path("finetune", ft_key)
+        fb_spec = {"model": base_id, "data": self.data_key(r["fisher"]["base"]["data"]), "cfg": r["fisher"]["base"],
+                   "seed": seed}
+        fb_dir = self.cache.path("fisher", stage_key("fisher", fb_spec))
+        ff_spec = {"model": ft_key, "data": self.data_key(r["fisher"]["forget"]["data"]),
+                   "cfg": r["fisher"]["forget"], "seed": seed}
+        ff_dir = self.cache.path("fisher", stage_key("fisher", ff_spec))
+
+        steps = [
+            PlanStep("finetune", f"fine-tune {r['base_model']} on {r['data']['forget']}", ft_dir,
+                     lambda: self._finetune(ft_dir)),
+            PlanStep("fisher:base", f"Fisher of the base on {r['fisher']['base']['data']}", fb_dir,
+                     lambda: self._fisher(self.base_dir(), "base", fb_dir)),
+            PlanStep("fisher:forget", f"Fisher of the forget model on {r['fisher']['forget']['data']}", ff_dir,
+                     lambda: self._fisher(ft_dir, "forget", ff_dir)),
+        ]
+        self.candidates = [Candidate("base", Path(), key=base_id), Candidate("forget", ft_dir, key=ft_key)]
+        if r["oracle_model"]:
+            self.candidates.append(Candidate("oracle", Path(), key=source_key(r["oracle_model"])))
+        for method in r["removal"]["methods"]:
+            name = get_method(method).name
+            for alpha in self.alphas(method):
+                params = {**r["removal"]["params"].get(method, {}), "alpha": alpha}
+                key = stage_key("merge", {"method": name, "params": params, "base": base_id, "forget": ft_key,
+                                          "fb": fb_dir.name, "ff": ff_dir.name})
+                cand = Candidate(f"{name}@{alpha:g}", self.cache.path("merge", key), name, float(alpha), key)
+                self.candidates.append(cand)
+                steps.append(PlanStep("merge", f"{name} α={alpha:g}", cand.path,
+                                      lambda c=cand, p=params, n=name: self._merge(c, n, p, ft_dir, fb_dir, ff_dir)))
+        eval_cfg = {"evaluate": r["evaluate"], "data": {k: self.data_key(k) for k in ("forget", "retain")},
+                    "seed": seed}
+        for cand in self.candidates:
+            out = self.cache.path("eval", stage_key("eval", {"model": cand.key, **eval_cfg}), ".json")
+            steps.append(PlanStep("evaluate", f"evaluate {cand.name}", out, lambda c=cand, o=out: self._evaluate(c, o)))
+        return steps
+
+    # -- stage bodies ----------------------------------------------------------------------------------------
+    def base_dir(self) -> Path:
+        return resolve_model(self.recipe["base_model"])
+
+    def _finetune(self, out: Path) -> None:
+        cfg = {k: v for k, v in self.recipe["finetune"].items()}
+        finetune(self.base_dir(), self.texts("forget"), out, FinetuneConfig(**cfg, seed=self.recipe["seed"]),
+                 device=self.device, progress=self.progress, overwrite=True)
+
+    def _fisher(self, model_dir: Path, side: str, out: Path) -> None:
+        cfg = self.recipe["fisher"][side]
+        texts = self.texts(cfg["data"])
+        estimate_fisher(model_dir, texts, out, examples=cfg["examples"], estimator=cfg["estimator"],
+                        level=cfg["level"], batch_size=cfg["batch_size"], seed=self.recipe["seed"],
+                        max_length=cfg["max_length"], n=cfg["n"], device=self.device, progress=self.progress,
+                        overwrite=True, data_name=str(cfg["data"]))
+
+    def _merge(self, cand: Candidate, method: str, params: dict, ft_dir: Path, fb_dir: Path, ff_dir: Path) -> None:
+        stats = {"fisher": [Statistic(ff_dir)], "base_fisher": [Statistic(fb_dir)]} if get_method(method).stats else {}
+        merge_checkpoints(method, Checkpoint(self.base_dir()), [Checkpoint(ft_dir)], cand.path, params=params,
+                          stats=stats, device=self.device, progress=False, overwrite=True,
+                          description={"candidate": cand.name})
+
+    def _model_dir(self, cand: Candidate) -> Path:
+        if cand.name == "base":
+            return self.base_dir()
+        if cand.name == "oracle":
+            return resolve_model(self.recipe["oracle_model"])
+        return cand.path
+
+    def evaluation_data(self) -> dict[str, Any]:
+        ev = self.recipe["evaluate"]
+        data: dict[str, Any] = {}
+        if "toxicity" in ev:
+            data["prompts"] = self.texts(ev["toxicity"]["prompts"], ev["toxicity"]["prompt_limit"])
+        if "perplexity" in ev:
+            data["perplexity_texts"] = self.texts(ev["perplexity"]["data"], ev["perplexity"]["limit"])
+        if "accuracy" in ev:
+            items = load_items(ev["accuracy"]["task"])
+            data["accuracy_items"] = items[: ev["accuracy"]["limit"]] if ev["accuracy"]["limit"] else items
+        if "forget_quality" in ev:
+            fq = ev["forget_quality"]
+            data["forget_texts"] = self.texts("forget")[: fq["members"]]
+            data["retain_texts"] = self.texts("retain")[: fq["members"]]
+            if fq["holdout"]:
+                data["holdout_texts"] = self.texts(fq["holdout"])[: fq["members"]]
+        return data
+
+    def protocols(self) -> dict[str, Any]:
+        ev = self.recipe["evaluate"]
+        keep = {"toxicity": ("scorer", "samples_per_prompt", "max_new_tokens", "do_sample", "top_p", "top_k",
+                             "temperature", "seed", "batch_size"),
+                "perplexity": ("max_length", "stride", "batch_size"), "accuracy": (), "forget_quality": ("k",)}
+        return {name: {k: v for k, v in ev[name].items() if k in keep[name]} for name in ev}
+
+    def _evaluate(self, cand: Candidate, out: Path) -> None:
+        from unmerge.evaluation import evaluate_model
+
+        model, tokenizer = load_causal_lm(self._model_dir(cand), device=str(resolve_device(self.device)))
+        rows, records = evaluate_model(model, tokenizer, self.protocols(), self.evaluation_data(),
+                                       seed=self.recipe["seed"], progress=self.progress)
+        write_json_atomic(out, {"candidate": cand.name, "rows": rows, "records": records})
+
+    # -- execution -------------------------------------------------------------------------------------------
+    def execute(self) -> Path:
+        """Run every stage that is not cached, then write the report bundle; returns the bundle directory."""
+        torch.manual_seed(self.recipe["seed"])
+        steps = self.plan()
+        for step in steps:
+            with self.cache.lock(step.output):
+                if step.cached:
+                    log.info("%s: cached (%s)", step.what, step.output.name)
+                    self.timings.setdefault(step.stage, 0.0)
+                    continue
+                log.info("%s ...", step.what)
+                start = time.perf_counter()
+                step.run()
+                self.timings[step.stage] = self.timings.get(step.stage, 0.0) + time.perf_counter() - start
+        start = time.perf_counter()
+        bundle = self._write_report(steps)
+        self.timings["report"] = time.perf_counter() - start
+        return bundle
+
+    def _write_report(self, steps: list[PlanStep]) -> Path:
+        from unmerge.report import write_bundle
+
+        evals = {json.loads(s.output.read_text())["candidate"]: json.loads(s.output.read_text())
+                 for s in steps if s.stage == "evaluate"}
+        rows, records, guard = [], [], {}
+        for cand in self.candidates:
+            result = evals[cand.name]
+            for row in result["rows"]:
+                rows.append({"candidate": cand.name, "method": cand.method or cand.name, "alpha": cand.alpha, **row})
+            records.extend({"candidate": cand.name, **rec} for rec in result["records"])
+            if cand.method:
+                info = json.loads((cand.path / "merge_info.json").read_text())
+                guard[cand.name] = {"method": cand.method, "alpha": cand.alpha, **info["totals"]}
+        for cand in self.candidates:
+            if cand.name in ("base", "forget", "oracle"):
+                self.inputs[f"model:{cand.name}"] = checkpoint_hash(Checkpoint(self._model_dir(cand)))
+        for step in steps:
+            if step.stage.startswith("fisher"):
+                self.inputs[f"statistic:{step.stage}"] = checkpoint_hash(Checkpoint(step.output))
+        r = self.recipe
+        run = {
+            "title": r["report"]["title"] or f"Unlearning report: {r['name']}",
+            "recipe": self.given,
+            "resolved": r,
+            "metrics": rows,
+            "records": records,
+            "guard": guard,
+            "selection": r["select"],
+            "timings": {k: round(v, 2) for k, v in self.timings.items()},
+            "inputs": self.inputs,
+            "seeds": {"recipe": r["seed"], "toxicity": r["evaluate"].get("toxicity", {}).get("seed")},
+            "caveats": self.caveats(),
+            "base_candidate": "base",
+            "protocol": {"evaluate": r["evaluate"], "fisher": r["fisher"], "finetune": r["finetune"],
+                         "removal": r["removal"]},
+            "tradeoff": {"x": r["report"]["tradeoff_x"], "y": r["report"]["tradeoff_y"]},
+        }
+        return write_bundle(self.out, run)
+
+    def caveats(self) -> list[str]:
+        r = self.recipe
+        notes = list(r["report"]["caveats"])
+        if r["evaluate"].get("toxicity", {}).get("scorer") == "profanity-check":
+            notes.append("Toxicity is scored by profanity-check (TF-IDF + linear SVM): it is word-based, misses "
+                         "implicit toxicity and saturates near 1.0; scores near the floor of natural text (~0.05) "
+                         "can also mean broken output, so read toxicity beside perplexity.")
+        if r["data"].get("synthetic"):
+            notes.append("The forget set is synthetic: offensive words spliced into clean sentences (see "
+                         "unmerge/data/README.md); results on real toxic text may differ.")
+        return notes
+
+
+def _size(ref: Any) -> str:
+    """Example count of a local or builtin data reference; hub datasets are not loaded by a dry run."""
+    text = ref if isinstance(ref, str) else None
+    if isinstance(ref, dict) and "path" not in ref:
+        return "hub dataset, not loaded"
+    if text and not text.startswith("builtin:") and not Path(text).exists():
+        return "hub dataset, not loaded"
+    try:
+        return f"{len(load_texts(ref))} examples"
+    except Exception as exc:  # a dry run reports unreadable data instead of stopping
+        return f"unreadable: {exc}"
+
+
+def describe_plan(recipe: str | Path | dict, *, out: str | Path | None = None, seed: int | None = None,
+                  cache_dir: str | Path | None = None) -> str:
+    """A dry run: validate the recipe and list its stages (cached or not), models and data with sizes."""
+    run = UnlearningRun(recipe, out=out, seed=seed, cache_dir=cache_dir, progress=False)
+    r = run.recipe
+    lines = [f"recipe '{r['name']}' is valid; report -> {run.out}", f"base model: {r['base_model']}"]
+    if r["oracle_model"]:
+        lines.append(f"oracle model: {r['oracle_model']}")
+    for side in ("forget", "retain"):
+        lines.append(f"data.{side}: {r['data'][side]} ({_size(r['data'][side])})")
+    for name, cfg in r["evaluate"].items():
+        ref = cfg.get("prompts") or cfg.get("data") or cfg.get("task") or cfg.get("holdout")
+        lines.append(f"evaluate.{name}: {ref or '-'}" + (f" ({_size(ref)})" if ref and name != "accuracy" else ""))
+    steps = run.plan()
+    lines.append(f"{len(steps)} stages (+ report):")
+    for step in steps:
+        lines.append(f"  [{'cached' if step.cached else 'to run'}] {step.stage:13s} {step.what}")
+    return "\n".join(lines)
