@@ -301,7 +301,7 @@ class UnlearningRun:
                          "removal": r["removal"]},
             "tradeoff": {"x": r["report"]["tradeoff_x"], "y": r["report"]["tradeoff_y"]},
         }
-        return write_bundle(self.out, run)
+        return write_bundle(self.out, run, overwrite=self.overwrite)
 
     def caveats(self) -> list[str]:
         r = self.recipe
