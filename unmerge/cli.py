@@ -213,5 +213,30 @@ def methods(name):
         click.echo(f"{method.name:22s} {method.formula}\n{'':22s} params: {params or '-'}")
 
 
+@main.group()
+def bench() -> None:
+    """Benchmarks that print side-by-side figures measured in one run."""
+
+
+@bench.command("merge")
+@click.option("--size", default="1GB", show_default=True, help="size of each synthetic fp32 checkpoint")
+@click.option("--models", "n_models", type=int, default=3, show_default=True, help="checkpoints, base included")
+@click.option("--methods", default="task_arithmetic,ties", show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False), default="/tmp/unmerge-bench-merge", show_default=True,
+              help="where the synthetic checkpoints are written (reused between runs)")
+@click.option("--mergekit/--no-mergekit", default=True, show_default=True,
+              help="also run mergekit-yaml on the same job when it is on PATH")
+@friendly
+def bench_merge(size, n_models, methods, workdir, mergekit):
+    """Streaming merge against the I/O floor (and mergekit): wall time, ratio, peak RSS and anonymous memory."""
+    import pandas as pd
+
+    from unmerge.bench.merge import bench_merge as run_bench
+    from unmerge.checkpoint.writer import parse_size
+
+    rows = run_bench(Path(workdir), parse_size(size), n_models, tuple(methods.split(",")), mergekit)
+    click.echo(pd.DataFrame(rows).to_string(index=False))
+
+
 if __name__ == "__main__":
     main()
