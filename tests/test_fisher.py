@@ -91,3 +91,12 @@ def test_tied_embedding_gets_one_entry():
     fisher, _ = diagonal_fisher(model, EXAMPLES[:2], estimator="empirical", progress=False)
     assert "transformer.wte.weight" in fisher and "lm_head.weight" not in fisher
     assert all((f >= 0).all() for f in fisher.values())
+
+
+def test_vmap_path_is_used_when_the_config_has_a_pad_token():
+    """HF models inspect input ids for padding when pad_token_id is set; the fast path must still apply."""
+    model = make_gpt2()
+    model.config.pad_token_id = 0
+    fisher, info = diagonal_fisher(model, EXAMPLES, estimator="empirical", batch_size=5, path="vmap", progress=False)
+    assert info["path"] == "vmap" and model.config.pad_token_id == 0
+    assert_close(fisher, reference_loop(model, EXAMPLES, lambda i, ex: torch.tensor(ex[1:])))

@@ -21,7 +21,7 @@ SCHEMA: dict[str, Any] = {
     "oracle_model": None,
     "data": {"forget": ANY, "retain": ANY, "forget_limit": None, "retain_limit": None, "synthetic": False},
     "finetune": {"epochs": 2.0, "max_steps": -1, "learning_rate": 5e-4, "batch_size": 16, "max_length": 128,
-                 "weight_decay": 0.0, "warmup_ratio": 0.0},
+                 "weight_decay": 0.0, "warmup": 0.0},
     "fisher": {
         "base": {"data": "retain", "examples": 300, "estimator": "sampled", "level": "sequence", "batch_size": 16,
                  "max_length": 128, "n": None},

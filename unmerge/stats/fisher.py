@@ -98,6 +98,18 @@ def _vmap_batch(model, params: dict[str, torch.Tensor], buffers, ids, mask, labe
 
     per_grad = grad(weighted_logprob)
     weights = mask[:, 1:].float()
+    pad_id = model.config.pad_token_id
+    model.config.pad_token_id = None  # else HF inspects the ids for padding: data-dependent control flow under vmap
+    try:
+        squares, count = _vmap_squares(per_grad, params, ids, labels, weights, level)
+    finally:
+        model.config.pad_token_id = pad_id
+    for name, total in squares.items():
+        acc.add_squares(name, total)
+    acc.count += count
+
+
+def _vmap_squares(per_grad, params, ids, labels, weights, level):
     squares = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     if level == "sequence":
         grads = vmap(per_grad, in_dims=(None, 0, 0, 0))(params, ids, labels, weights)
@@ -113,9 +125,7 @@ def _vmap_batch(model, params: dict[str, torch.Tensor], buffers, ids, mask, labe
             for name, g in over_positions(params, ids[row], labels[row], eye).items():
                 squares[name] += (g.float() ** 2).sum(0)
             count += n_pos
-    for name, total in squares.items():
-        acc.add_squares(name, total)
-    acc.count += count
+    return squares, count
 
 
 def diagonal_fisher(

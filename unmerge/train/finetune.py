@@ -28,7 +28,7 @@ class FinetuneConfig:
     batch_size: int = 16
     max_length: int = 128
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
+    warmup: float = 0.0  # steps, or a fraction of all steps when < 1
     seed: int = 0
 
 
@@ -86,7 +86,7 @@ def finetune(model_path: str | Path, texts: list[str], out_dir: str | Path, conf
             learning_rate=config.learning_rate,
             per_device_train_batch_size=config.batch_size,
             weight_decay=config.weight_decay,
-            warmup_ratio=config.warmup_ratio,
+            warmup_steps=config.warmup,
             seed=config.seed,
             data_seed=config.seed,
             save_strategy="no",
