@@ -213,6 +213,11 @@ def methods(name):
         click.echo(f"{method.name:22s} {method.formula}\n{'':22s} params: {params or '-'}")
 
 
+from unmerge.stats.cli import stats_command  # noqa: E402
+
+main.add_command(stats_command)
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks that print side-by-side figures measured in one run."""

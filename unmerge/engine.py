@@ -19,6 +19,7 @@ from unmerge.errors import CheckpointError, MethodError, StatisticError
 from unmerge.methods import Method, TensorTask, get_method
 from unmerge.methods.params import ParamPlan
 from unmerge.stats import Statistic
+from unmerge.stats.gram import LAYER_STAT_FACTORS, layer_stat_names, module_of
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,22 @@ def check_compatible(reference: Checkpoint, others: list[Checkpoint], names: lis
                 )
 
 
-def check_statistic(stat: Statistic, model: Checkpoint, names: list[str], model_hash: str | None, force: bool) -> None:
-    """A statistic must belong to its model: same float tensor names and shapes, and the recorded model hash."""
+def required_stats(method: Method, params: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """The statistic kinds a merge needs: ``method.stats``, or, for a method whose needs depend on its parameters
+    (a ``stats_for(params)`` attribute, e.g. ``mats`` and its ``objective``), what it says for ``params``."""
+    stats_for = getattr(method, "stats_for", None)
+    if stats_for is None:
+        return method.stats
+    return tuple(stats_for({**method.defaults(), **method.canonical_params(params or {})}))
+
+
+def check_statistic(stat: Statistic, model: Checkpoint, names: list[str], model_hash: str | None, force: bool,
+                    kind: str = "fisher") -> None:
+    """A statistic must belong to its model: the recorded model hash, and the same float tensor names and shapes
+    (per-parameter statistics) or, for per-layer ones (Gram, K-FAC), square factors for some of its weights."""
+    if kind in LAYER_STAT_FACTORS:
+        _check_layer_statistic(stat, model, names, kind)
+        names = []
     for name in names:
         if name not in stat:
             raise StatisticError(f"statistic '{stat.path}' has no tensor '{name}' of model '{model.path}'",
@@ -107,6 +122,25 @@ def check_statistic(stat: Statistic, model: Checkpoint, names: list[str], model_
         raise StatisticError(
             f"statistic '{stat.path}' was computed for another model (hash {recorded[:12]}…, "
             f"'{model.path}' is {model_hash[:12]}…)", "compute it for this model, or pass --force to use it anyway")
+
+
+def _check_layer_statistic(stat: Statistic, model: Checkpoint, names: list[str], kind: str) -> None:
+    if stat.meta.get("kind", kind) != kind:
+        raise StatisticError(f"statistic '{stat.path}' is a '{stat.meta['kind']}' statistic, given as '{kind}'",
+                             f"compute it with `unmerge stats MODEL DATA OUT --kind {kind}`")
+    found = 0
+    for name in names:
+        for tensor in layer_stat_names(kind, name).values():
+            if tensor not in stat:
+                continue
+            found += 1
+            shape = list(stat.checkpoint.meta(tensor)[0])
+            if len(shape) != 2 or shape[0] != shape[1]:
+                raise StatisticError(f"statistic '{stat.path}' has shape {shape} for '{tensor}', not a square matrix",
+                                     f"re-estimate it with `unmerge stats --kind {kind}`")
+    if not found:
+        raise StatisticError(f"statistic '{stat.path}' has no '{kind}' factor for any weight of model '{model.path}'",
+                             f"compute it for this model with `unmerge stats --kind {kind}`")
 
 
 def _float_names(ckpt: Checkpoint, names: list[str]) -> list[str]:
@@ -140,7 +174,7 @@ def merge_checkpoints(
     if len(models) < method.min_models or (method.max_models and len(models) > method.max_models):
         most = method.max_models or "any number of"
         raise MethodError(f"method '{method.name}' takes {method.min_models} to {most} models, got {len(models)}")
-    for kind in method.stats:
+    for kind in required_stats(method, params):
         want = 1 if kind.startswith("base_") else len(models)
         if len(stats.get(kind, [])) != want:
             raise StatisticError(f"method '{method.name}' needs {want} '{kind}' statistic(s), got "
@@ -155,7 +189,7 @@ def merge_checkpoints(
     for kind, items in stats.items():
         owners = [base] if kind.startswith("base_") else models
         for stat, owner in zip(items, owners):
-            check_statistic(stat, owner, float_names, hashes.get(str(owner.path)), force)
+            check_statistic(stat, owner, float_names, hashes.get(str(owner.path)), force, kind)
             hashes[str(stat.path)] = checkpoint_hash(stat.checkpoint)
 
     n_layers = (reference.config or {}).get("num_hidden_layers") or (reference.config or {}).get("n_layer")
@@ -167,27 +201,43 @@ def merge_checkpoints(
     inputs = [c.directory for c in ([base] if base else []) + models] + [s.checkpoint.directory for v in stats.values()
                                                                        for s in v]
     any_nonzero = {kind: False for kind in stats}
+    key_kind: dict[str, str] = {}  # task.stats key -> statistic kind ('kfac.A' -> 'kfac')
 
-    def load(name: str) -> tuple[torch.Tensor | None, list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+    def load(name: str) -> tuple[torch.Tensor | None, list[torch.Tensor], dict[str, list[torch.Tensor]], dict]:
+        """Tensors of ``name``; statistics under their ``task.stats`` keys (``layer_stat_names``: the parameter's
+        own name, or ``<module>.<factor>`` for per-layer statistics, which exist for linear-layer weights only);
+        and the description of the layer (from the per-layer statistics' metadata, e.g. its weight layout)."""
         base_t = base.get(name) if base else None
         model_ts = [m.get(name) for m in models]
-        stat_ts = {}
+        stat_ts, layer = {}, {}
         if name in float_names:
             for kind, items in stats.items():
-                stat_ts[kind] = [s.get(name) for s in items]
-                for s, t in zip(items, stat_ts[kind]):
-                    s.check_tensor(name, t)
-        return base_t, model_ts, stat_ts
+                for key, tensor in layer_stat_names(kind, name).items():
+                    present = [tensor in s for s in items]
+                    if not any(present) and kind in LAYER_STAT_FACTORS:
+                        continue
+                    if not all(present):
+                        where = items[present.index(False)].path
+                        raise StatisticError(f"statistic '{where}' has no '{tensor}' but the other '{kind}' "
+                                             "statistics have it", "estimate every statistic on the same model")
+                    stat_ts[key] = [s.get(tensor) for s in items]
+                    key_kind[key] = kind
+                    for s, t in zip(items, stat_ts[key]):
+                        s.check_tensor(tensor, t)
+                    if kind in LAYER_STAT_FACTORS and not layer:
+                        layer = items[0].meta.get("layers", {}).get(module_of(name), {})
+        return base_t, model_ts, stat_ts, layer
 
     def make_task(name: str, base_t: torch.Tensor | None, model_ts: list[torch.Tensor],
-                  stat_ts: dict[str, list[torch.Tensor]], context: dict[str, Any]) -> TensorTask:
+                  stat_ts: dict[str, list[torch.Tensor]], layer: dict, context: dict[str, Any]) -> TensorTask:
         return TensorTask(
             name=name,
             base=None if base_t is None else base_t.to(dev, torch.float32),
             models=[t.to(dev, torch.float32) for t in model_ts],
             params=plan.for_tensor(name),
             stats={k: [t.to(dev, torch.float32) for t in v] for k, v in stat_ts.items()},
-            context=context,
+            # a weight with per-layer statistics comes with its layer's description (weight layout) for the method
+            context={**context, "layer": layer} if layer else context,
         )
 
     context: dict[str, Any] = {}
@@ -199,15 +249,16 @@ def merge_checkpoints(
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(load, names[0]) if names else None
             for i, name in enumerate(tqdm(names, desc=f"merge:{method.name}", disable=not progress, unit="tensor")):
-                base_t, model_ts, stat_ts = pending.result()
+                base_t, model_ts, stat_ts, layer = pending.result()
                 pending = pool.submit(load, names[i + 1]) if i + 1 < len(names) else None
                 if name not in float_names:
                     writer.add(name, base_t if base_t is not None else model_ts[0])
                     continue
                 out_dtype = dtype or (base_t if base_t is not None else model_ts[0]).dtype
-                for kind, ts in stat_ts.items():
+                for key, ts in stat_ts.items():
+                    kind = key_kind[key]
                     any_nonzero[kind] = any_nonzero[kind] or any(bool((t != 0).any()) for t in ts)
-                task = make_task(name, base_t, model_ts, stat_ts, context)
+                task = make_task(name, base_t, model_ts, stat_ts, layer, context)
                 merged = method.fn(task)
                 if not torch.isfinite(merged).all():
                     raise MethodError(f"method '{method.name}' produced NaN/Inf in '{name}'",

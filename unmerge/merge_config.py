@@ -30,7 +30,7 @@ import yaml
 
 from unmerge.checkpoint import Checkpoint
 from unmerge.checkpoint.writer import parse_size
-from unmerge.engine import MergeResult, merge_checkpoints
+from unmerge.engine import MergeResult, merge_checkpoints, required_stats
 from unmerge.errors import RecipeError, did_you_mean
 from unmerge.methods import Method, get_method
 from unmerge.methods.params import ParamPlan
@@ -172,25 +172,28 @@ def parse_config(data: Any, root: Path | None = None) -> MergeConfig:
     params = _params(data.get("parameters"), "parameters")
     ParamPlan.build(method, params, [m.params for m in models])
     base_stats = {kind: _resolve(data[kind], kind, root) for kind in BASE_STATS if kind in data}
-    _check_stats(method, models, base_stats, base)
+    _check_stats(method, models, base_stats, base, required_stats(method, params))
     return MergeConfig(method, base, models, params, base_stats, _dtype(data), tokenizer, copy.deepcopy(data))
 
 
-def _check_stats(method: Method, models: list[ModelSpec], base_stats: dict[str, str], base: str | None) -> None:
-    """Every statistic the method needs is given for every model (or the base), and none that it ignores."""
+def _check_stats(method: Method, models: list[ModelSpec], base_stats: dict[str, str], base: str | None,
+                 needed: tuple[str, ...]) -> None:
+    """Every statistic the method needs (``needed``: for its parameters) is given for every model (or the base),
+    and none that it ignores."""
     for kind in (*MODEL_STATS, *BASE_STATS):
         given = [m.stats.get(kind) for m in models] if kind in MODEL_STATS else [base_stats.get(kind)]
-        if kind in method.stats:
+        if kind in needed:
             missing = [i for i, path in enumerate(given) if path is None]
             if missing:
                 where = "the config's top level" if kind in BASE_STATS else f"models{missing}"
+                how = "unmerge fisher" if "fisher" in kind else f"unmerge stats MODEL DATA OUT --kind {kind}"
                 raise RecipeError(f"method '{method.name}' needs a '{kind}' statistic in {where}",
-                                  f"compute it with `unmerge fisher` and add `{kind}: PATH`")
+                                  f"compute it with `{how}` and add `{kind}: PATH`")
             if kind in BASE_STATS and base is None:
                 raise RecipeError(f"'{kind}' is given but there is no base_model", "set base_model")
         elif any(path is not None for path in given):
             raise RecipeError(f"method '{method.name}' does not use '{kind}' statistics",
-                              f"remove them, or pick a method that does (it uses: {', '.join(method.stats) or 'none'})")
+                              f"remove them, or pick a method that does (it uses: {', '.join(needed) or 'none'})")
 
 
 def merge(config: str | Path | dict[str, Any] | MergeConfig, out_dir: str | Path, device: str = "auto",
@@ -200,7 +203,8 @@ def merge(config: str | Path | dict[str, Any] | MergeConfig, out_dir: str | Path
     cfg = config if isinstance(config, MergeConfig) else parse_config(*load_config(config))
     base = Checkpoint(cfg.base_model, allow_pickle=allow_pickle) if cfg.base_model else None
     models = [Checkpoint(m.path, allow_pickle=allow_pickle) for m in cfg.models]
-    stats = {kind: [Statistic(m.stats[kind]) for m in cfg.models] for kind in MODEL_STATS if kind in cfg.method.stats}
+    needed = required_stats(cfg.method, cfg.params)
+    stats = {kind: [Statistic(m.stats[kind]) for m in cfg.models] for kind in MODEL_STATS if kind in needed}
     stats.update({kind: [Statistic(path)] for kind, path in cfg.base_stats.items()})
     tokenizer = Checkpoint(cfg.tokenizer_source, allow_pickle=allow_pickle) if cfg.tokenizer_source else None
     return merge_checkpoints(

@@ -17,10 +17,36 @@ def linear(models: list[torch.Tensor], weights: list[float], normalize: bool = T
     return total
 
 
-def task_arithmetic(base: torch.Tensor, models: list[torch.Tensor], weights: list[float], lam: float = 1.0) -> torch.Tensor:
-    """θ = θ₀ + λ Σ_t w_t (θ_t − θ₀)."""
-    delta = sum(w * (m - base) for w, m in zip(weights, models))
-    return base + lam * delta
+def task_arithmetic(base: torch.Tensor, models: list[torch.Tensor], weights: list[float], lam: float = 1.0,
+                    normalize: bool = False) -> torch.Tensor:
+    """θ = θ₀ + λ Σ_t w_t (θ_t − θ₀)  (÷ Σ_t w_t with ``normalize``, as mergekit: a |Σ w| below 1e-8 divides by 1).
+
+    Streamed in chunks (the same arithmetic, element by element, as the whole-tensor expression), so memory-mapped
+    inputs cost no copies: the peak is the output plus a few chunks."""
+    from unmerge.methods.kernels import flat, map_chunks
+
+    b, ms = flat(base), [flat(m) for m in models]
+    out = torch.empty_like(b)
+    total = sum(weights)
+    divisor = total if abs(total) >= 1e-8 else 1.0
+
+    def run(s: int, e: int) -> None:
+        acc = None
+        for w, m in zip(weights, ms):
+            delta = torch.sub(m[s:e], b[s:e])
+            if w != 1:
+                delta.mul_(w)
+            acc = delta if acc is None else acc.add_(delta)
+        if acc is None:
+            acc = torch.zeros_like(b[s:e])
+        if normalize:
+            acc.div_(divisor)
+        if lam != 1:
+            acc.mul_(lam)
+        torch.add(b[s:e], acc, out=out[s:e])
+
+    map_chunks(run, b.numel(), b)
+    return out.view_as(base)
 
 
 def negation(base: torch.Tensor, forget: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -51,10 +77,12 @@ register(Method(
 
 register(Method(
     name="task_arithmetic",
-    fn=lambda t: task_arithmetic(t.base, t.models, t.params["weight"], t.params["lambda"]),
+    fn=lambda t: task_arithmetic(t.base, t.models, t.params["weight"], t.params["lambda"], t.params["normalize"]),
     summary="add scaled task vectors to the base (Ilharco et al., 2023); negation is w < 0",
-    formula="θ = θ₀ + λ Σ w_t (θ_t − θ₀)",
-    params=(WEIGHT, Param("lambda", 1.0, float, "global scale λ of the summed task vectors", aliases=("scaling_coef",))),
+    formula="θ = θ₀ + λ Σ w_t (θ_t − θ₀)  (÷ Σ w_t with normalize: true)",
+    params=(WEIGHT, Param("lambda", 1.0, float, "global scale λ of the summed task vectors", aliases=("scaling_coef",)),
+            Param("normalize", False, bool, "divide the summed task vectors by Σ w (mergekit's normalize; its default "
+                  "for task_arithmetic is false too)")),
 ))
 
 ALPHA = Param("alpha", 1.0, float, "removal strength α", minimum=0.0, min_exclusive=True)

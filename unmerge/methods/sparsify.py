@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -52,12 +53,16 @@ import torch
 
 from unmerge.errors import MethodError
 from unmerge.methods.arithmetic import WEIGHT
+from unmerge.methods.kernels import (Kth, below, chunk_size, flat, float_bits, kth_largest_abs, map_chunks,
+                                     radix_histograms, spans)
 from unmerge.methods.registry import Method, Param, TensorTask, register
 
 Tensor = torch.Tensor
+# τ chunk (a fresh tensor the sparsifier may modify in place), start, end -> sparsified chunk
+Sparsifier = Callable[[Tensor, int, int], Tensor]
 
 
-# ---------------------------------------------------------------------------------------------------- trimming
+# ---------------------------------------------------------------------------------------------------- conventions
 def _ceil(x: float) -> int:
     """⌈x⌉ after rounding away float noise (0.3·10 = 3.0000000000000004 gives 3, not 4)."""
     return math.ceil(round(x, 3))
@@ -68,41 +73,12 @@ def keep_count(density: float, n: int) -> int:
     return min(n, max(0, _ceil(density * n)))
 
 
-def _trim_threshold(magnitude: Tensor, density: float) -> Tensor:
-    """Paper: keep |τ| ≥ the k-th largest |τ|, k = ⌈density·n⌉."""
-    k = keep_count(density, magnitude.numel())
-    if k >= magnitude.numel():
-        return torch.ones_like(magnitude, dtype=torch.bool)
-    if k == 0:
-        return torch.zeros_like(magnitude, dtype=torch.bool)
-    return magnitude >= torch.topk(magnitude.flatten(), k).values[-1]
-
-
-def _trim_kthvalue(magnitude: Tensor, density: float) -> Tensor:
-    """FusionBench: keep |τ| ≥ the (n − ⌊density·n⌋)-th smallest |τ| (one more entry than ⌊density·n⌋)."""
-    n = magnitude.numel()
-    kept = int(n * density)
-    if kept >= n:
-        return torch.ones_like(magnitude, dtype=torch.bool)
-    return magnitude >= torch.kthvalue(magnitude.flatten(), n - kept).values
-
-
-def _trim_exact(magnitude: Tensor, density: float) -> Tensor:
-    """mergekit / peft: exactly k = ⌊density·n⌋ entries by a sort (magnitude ties broken by position)."""
-    if density >= 1:
-        return torch.ones_like(magnitude, dtype=torch.bool)
-    k = int(density * magnitude.numel())
-    mask = torch.zeros(magnitude.numel(), dtype=torch.bool, device=magnitude.device)
-    mask[torch.topk(magnitude.flatten(), k).indices] = True
-    return mask.view_as(magnitude)
-
-
-# ---------------------------------------------------------------------------------------------------- conventions
 @dataclass(frozen=True)
 class Convention:
     """How one library computes TIES: trimming, sign election, agreement, aggregation and DARE rescaling."""
 
-    trim: Callable[[Tensor, float], Tensor]  # (|τ|, density) -> keep mask
+    trim: str  # "ceil": |τ| ≥ the ⌈d·n⌉-th largest; "kthvalue": |τ| ≥ the (⌊d·n⌋+1)-th largest; "exact": ⌊d·n⌋ entries
+    at_least_one: bool  # exact trim keeps at least one entry when density > 0 (mergekit ≥ 0.1.5)
     weighted_sign: bool  # elect and match signs on w·τ̂ (peft: on τ̂)
     zero_to_majority: bool  # Σ = 0 takes sgn Σγ (paper) instead of +1
     weighted_divisor: bool  # divide by Σ a w (mergekit) instead of the count Σ a
@@ -111,177 +87,499 @@ class Convention:
 
 
 CONVENTIONS: dict[str, Convention] = {
-    "paper": Convention(_trim_threshold, True, True, False, True, False),
-    "mergekit": Convention(_trim_exact, True, False, True, None, True),
-    "fusionbench": Convention(_trim_kthvalue, True, True, False, False, False),
-    "peft": Convention(_trim_exact, False, False, False, True, False),
+    "paper": Convention("ceil", False, True, True, False, True, False),
+    "mergekit": Convention("exact", True, True, False, True, None, True),
+    "fusionbench": Convention("kthvalue", False, True, True, False, False, False),
+    "peft": Convention("exact", False, False, False, False, True, False),
 }
 
 
-def elect_sign(deltas: Tensor, weights: Tensor, conv: Convention) -> Tensor:
-    """γ = sgn Σ_t (w_t) τ̂_t over the stacked deltas (model axis 0), with the convention's tie-break."""
-    total = (deltas * weights if conv.weighted_sign else deltas).sum(0)
-    if not conv.zero_to_majority:
-        return torch.where(total >= 0, 1.0, -1.0).to(deltas.dtype)
-    sign = torch.sign(total)
-    majority = 1.0 if float(sign.sum()) >= 0 else -1.0
-    return torch.where(sign == 0, torch.full_like(sign, majority), sign)
+# ---------------------------------------------------------------------------------------------------- streamed combine
+def _combine_chunk(base: Tensor, ys: list[Tensor], weights: list[float], how: str, lam: float, conv: Convention,
+                   normalize: bool, divisor: float, out: Tensor, zero_sign: float) -> tuple[float, float]:
+    """One chunk of θ = θ₀ + λ·(combined τ̂) into ``out``; ``ys`` are the sparsified τ̂ chunks (modified in place).
+
+    TIES in float ops only (comparisons to bool and ``where`` cost several times more on the CPU): with s_t the sign
+    variable (w_t τ̂_t, or τ̂_t for peft) and γ = ±1, z_t = relu(γ s_t) is |s_t| where s_t agrees with γ and 0
+    elsewhere, sign(z_t) is the agreement a_t, and the agreeing sum is γ Σ_t z_t. Where Σ_t s_t = 0, γ is
+    ``zero_sign``. Returns (Σ sgn(Σ_t s_t), the agreeing mass at Σ_t s_t = 0) for the paper's tie-break.
+    """
+    if how != "ties":
+        acc = None
+        for y, w in zip(ys, weights):
+            if w != 1:
+                y.mul_(w)
+            acc = y if acc is None else acc.add_(y)
+        if normalize:
+            acc.div_(divisor)
+        if lam != 1:
+            acc.mul_(lam)
+        torch.add(base, acc, out=out)
+        return 0.0, 0.0
+    signed = [y.mul_(w) if conv.weighted_sign and w != 1 else y for y, w in zip(ys, weights)]
+    total = signed[0] if len(signed) == 1 else torch.add(signed[0], signed[1])
+    for s in signed[2:]:
+        total.add_(s)
+    total_sign = torch.sign(total)
+    gamma = total_sign + 0.5 * zero_sign
+    gamma.sign_()
+    agreeing = count = None
+    for s, w in zip(signed, weights):
+        z = torch.mul(s, gamma).relu_()
+        a = torch.sign(z)
+        if conv.weighted_divisor and w != 1:
+            a.mul_(w)
+        count = a if count is None else count.add_(a)
+        if not conv.weighted_sign and w != 1:
+            z.mul_(w)
+        agreeing = z if agreeing is None else agreeing.add_(z)
+    sign_sum = tie_mass = 0.0
+    if conv.zero_to_majority:
+        sign_sum = float(total_sign.sum())
+        if zero_sign > 0:
+            tie_mass = float(torch.mul(total_sign.abs_().neg_().add_(1), agreeing).sum())
+    agreeing.mul_(gamma)
+    if normalize:
+        if not conv.weighted_divisor or min(weights) > 1e-30:
+            count.clamp_min_(torch.finfo(count.dtype).tiny)  # zero only where nothing agrees, i.e. 0 / 0 → 0
+        else:  # weights of mixed sign can cancel: mergekit divides by 1 there
+            count = torch.where(count == 0, torch.ones_like(count), count)
+        agreeing.div_(count)
+    if lam != 1:
+        agreeing.mul_(lam)
+    torch.add(base, agreeing, out=out)
+    return sign_sum, tie_mass
 
 
-def disjoint_merge(deltas: Tensor, weights: Tensor, sign: Tensor, conv: Convention, normalize: bool) -> Tensor:
-    """τ_m = Σ_t a_t w_t τ̂_t / divisor, a_t = [sgn(w_t τ̂_t) = γ]; divisor Σ a_t (≥ 1), Σ a_t w_t, or 1 (sum)."""
-    agree = (torch.sign(deltas * weights if conv.weighted_sign else deltas) == sign).to(deltas.dtype)
-    total = (deltas * weights * agree).sum(0)
-    if not normalize:
-        return total
-    divisor = (agree * weights).sum(0) if conv.weighted_divisor else agree.sum(0)
-    return total / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+def stream_combine(base: Tensor, taus: Callable[[int, int, int], Tensor], sparsifiers: list[Sparsifier],
+                   weights: list[float], how: str, lam: float, compat: str, normalize: bool,
+                   chunk: int | None = None) -> Tensor:
+    """θ₀ + λ·combine(sparsified τ_t), chunk by chunk (``taus(t, start, end)`` gives a fresh chunk of τ_t)."""
+    conv = CONVENTIONS[compat]
+    b = flat(base)
+    n = b.numel()
+    chunk = chunk or chunk_size(b)
+    out = torch.empty_like(b)
+    total = sum(weights)
+    divisor = total if abs(total) >= 1e-8 else 1.0
+
+    def run(s: int, e: int, zero_sign: float = 1.0) -> tuple[float, float]:
+        ys = [sparsify(taus(i, s, e), s, e) for i, sparsify in enumerate(sparsifiers)]
+        return _combine_chunk(b[s:e], ys, weights, how, lam, conv, normalize, divisor, out[s:e], zero_sign)
+
+    results = map_chunks(run, n, b, chunk)
+    if how == "ties" and conv.zero_to_majority and sum(r[0] for r in results) < 0:
+        for (s, e), (_, tie_mass) in zip(spans(n, chunk), results):  # γ = −1 where Σ = 0: redo those chunks
+            if tie_mass > 0:
+                run(s, e, -1.0)
+    return out.view_as(base)
+
+
+def _model_taus(base: Tensor, models: list[Tensor]) -> Callable[[int, int, int], Tensor]:
+    b, ms = flat(base), [flat(m) for m in models]
+    return lambda i, s, e: torch.sub(ms[i][s:e], b[s:e])
+
+
+def _family_normalize(conv: Convention, normalize: bool | None, family_normalize: bool) -> bool:
+    if normalize is not None:
+        return normalize
+    return family_normalize if conv.normalize is None else conv.normalize
 
 
 def combine(base: Tensor, deltas: list[Tensor], weights: list[float], how: str, lam: float, compat: str,
             normalize: bool | None, family_normalize: bool = True) -> Tensor:
-    """θ = θ₀ + λ · (Σ w τ̂ [/ Σ w]  or  the TIES disjoint merge of the τ̂)."""
+    """θ = θ₀ + λ · (Σ w τ̂ [/ Σ w]  or  the TIES disjoint merge of the τ̂) for already sparsified τ̂."""
     conv = CONVENTIONS[compat]
-    stacked = torch.stack(deltas)
-    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * base.dim()))
     if how == "ties":
-        if normalize is None:
-            normalize = family_normalize if conv.normalize is None else conv.normalize
-        merged = disjoint_merge(stacked, w, elect_sign(stacked, w, conv), conv, normalize)
-    else:
-        merged = (stacked * w).sum(0)
-        if normalize:
-            total = sum(weights)
-            merged = merged / (total if abs(total) >= 1e-8 else 1.0)
-    return base + lam * merged
+        normalize = _family_normalize(conv, normalize, family_normalize)
+    ds = [flat(d) for d in deltas]
+    return stream_combine(base, lambda i, s, e: ds[i][s:e].clone(), [_identity] * len(ds), weights, how, lam,
+                          compat, bool(normalize))
+
+
+def _identity(tau: Tensor, s: int, e: int) -> Tensor:
+    return tau
+
+
+# ---------------------------------------------------------------------------------------------------- trimming
+def _shrinker(threshold: float | None, tie: float = 0.0, allowed: dict[int, int] | None = None) -> Sparsifier:
+    """Keep |τ| > ``threshold`` (None: all; inf: none); of the entries with |τ| = ``tie``, only the first
+    ``allowed[chunk start]`` of each chunk (None: all)."""
+    def apply(tau: Tensor, s: int, e: int) -> Tensor:
+        if threshold is None:
+            return tau
+        if threshold == math.inf:
+            return tau.zero_()
+        kept = torch.nn.functional.hardshrink(tau, threshold)
+        if allowed is not None:
+            quota = allowed[s]
+            ties = (tau.abs() == tie).nonzero().flatten()
+            if quota < ties.numel():
+                kept[ties[quota:]] = 0
+        return kept
+    return apply
+
+
+def _count_per_chunk(b: Tensor, m: Tensor, value: float, chunk: int) -> list[int]:
+    return map_chunks(lambda s, e: int(torch.count_nonzero((m[s:e] - b[s:e]).abs_() == value)), b.numel(), b, chunk)
+
+
+def _quotas(counts: list[int], keep: int, from_end: bool, chunk: int) -> dict[int, int]:
+    """How many of each chunk's tied entries to keep so that ``keep`` are kept in position order (the first ones,
+    or the last ones with ``from_end``). Keys are chunk starts."""
+    order = range(len(counts) - 1, -1, -1) if from_end else range(len(counts))
+    quota: dict[int, int] = {}
+    left = keep
+    for j in order:
+        quota[j * chunk] = min(left, counts[j])
+        left -= quota[j * chunk]
+    return quota
+
+
+def _trim_count(conv: Convention, density: float, n: int) -> int | None:
+    """How many entries the convention's trim keeps (None: all)."""
+    if conv.trim == "ceil":
+        k = keep_count(density, n)
+        return None if k >= n else k
+    if conv.trim == "kthvalue":
+        kept = int(n * density)
+        return None if kept >= n else kept + 1  # |τ| ≥ the (n − kept)-th smallest, i.e. the (kept + 1)-th largest
+    if density >= 1:
+        return None
+    if density <= 0 or n == 0:
+        return 0
+    k = int(density * n)
+    return max(1, k) if conv.at_least_one else k
+
+
+def trim_rules(base: Tensor, models: list[Tensor], density: list[float], conv: Convention,
+               thresholds: list[float] | None = None, chunk: int | None = None) -> list[Sparsifier]:
+    """Each model's TIES trim as a chunk sparsifier: |τ| ≥ its k-th largest (exact top-k, ties in position order,
+    for mergekit/peft), or |τ| ≥ a given global threshold."""
+    b, ms = flat(base), [flat(m) for m in models]
+    chunk = chunk or chunk_size(b)
+    if thresholds is not None:
+        return [_shrinker(math.inf if t == math.inf else below(t, b.dtype)) for t in thresholds]
+    n = b.numel()
+    counts = [_trim_count(conv, d, n) for d in density]
+    rules: list[Sparsifier | None] = [None] * len(ms)
+    wanted = []
+    for i, k in enumerate(counts):
+        if k is None:
+            rules[i] = _shrinker(None)
+        elif k == 0:
+            rules[i] = _shrinker(math.inf)
+        else:
+            wanted.append(i)
+    found = kth_largest_abs(b, [ms[i] for i in wanted], [counts[i] for i in wanted])
+    for i, kth in zip(wanted, found):
+        rules[i] = _exact_rule(b, ms[i], kth, counts[i], conv.trim == "exact", chunk)
+    return rules
+
+
+def _exact_rule(b: Tensor, m: Tensor, kth: Kth, k: int, exact: bool, chunk: int) -> Sparsifier:
+    if not exact or kth.greater + kth.equal == k:
+        return _shrinker(below(kth.value, b.dtype))
+    if kth.value == 0:  # the kept zeros change nothing
+        return _shrinker(0.0)
+    counts = _count_per_chunk(b, m, kth.value, chunk)
+    return _shrinker(below(kth.value, b.dtype), kth.value, _quotas(counts, k - kth.greater, False, chunk))
+
+
+def _l1_scaled(taus: Callable[[int, int, int], Tensor], sparsifiers: list[Sparsifier], like: Tensor,
+               chunk: int) -> list[Sparsifier]:
+    """mergekit's ``rescale`` (RescaleNorm.l1): each sparsified τ̂_t × ‖τ_t‖₁ / ‖τ̂_t‖₁ (unchanged when either norm is
+    below 1e-7), with both norms from a streaming pre-pass."""
+    def norms(s: int, e: int) -> list[tuple[float, float]]:
+        out = []
+        for i, sparsify in enumerate(sparsifiers):
+            tau = taus(i, s, e)
+            before = float(tau.abs().sum())
+            out.append((before, float(sparsify(tau, s, e).abs().sum())))
+        return out
+
+    parts = map_chunks(norms, flat(like).numel(), like, chunk)
+    scaled = []
+    for i, sparsify in enumerate(sparsifiers):
+        before = sum(p[i][0] for p in parts)
+        after = sum(p[i][1] for p in parts)
+        factor = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
+        scaled.append(_times(sparsify, factor))
+    return scaled
+
+
+def _times(sparsify: Sparsifier, factor: float) -> Sparsifier:
+    if factor == 1.0:
+        return sparsify
+    return lambda tau, s, e: sparsify(tau, s, e).mul_(factor)
 
 
 def ties(base: Tensor, models: list[Tensor], weights: list[float], density: list[float], lam: float = 1.0,
-         compat: str = "paper", normalize: bool | None = None, thresholds: list[float] | None = None) -> Tensor:
+         compat: str = "paper", normalize: bool | None = None, thresholds: list[float] | None = None,
+         rescale: bool = False) -> Tensor:
     """TIES: trim each τ_t to its top ``density`` by magnitude (or to |τ_t| ≥ a global per-model threshold), elect
-    signs, disjoint mean; θ = θ₀ + λ τ_m."""
+    signs, disjoint mean; θ = θ₀ + λ τ_m. ``rescale``: scale each trimmed τ̂_t back to ‖τ_t‖₁ (mergekit)."""
     conv = CONVENTIONS[compat]
-    trimmed = []
-    for i, model in enumerate(models):
-        tau = model - base
-        keep = conv.trim(tau.abs(), density[i]) if thresholds is None else tau.abs() >= thresholds[i]
-        trimmed.append(tau * keep)
-    return combine(base, trimmed, weights, "ties", lam, compat, normalize)
+    chunk = chunk_size(base)
+    rules = trim_rules(base, models, density, conv, thresholds, chunk)
+    taus = _model_taus(base, models)
+    if rescale:
+        rules = _l1_scaled(taus, rules, base, chunk)
+    return stream_combine(base, taus, rules, weights, "ties", lam, compat,
+                          _family_normalize(conv, normalize, True), chunk)
 
 
 # ---------------------------------------------------------------------------------------------------- random masks
+RNG_BLOCK = 1 << 18  # random masks are drawn per block of this many elements (flat order), whatever the chunking
+
+
 def tensor_seed(seed: int, name: str, index: int) -> int:
     """A 63-bit seed from (seed, tensor name, model index): independent of the order tensors are merged in."""
     digest = hashlib.sha256(f"{seed}\x00{name}\x00{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _uniform(shape: torch.Size, seed: int, device: torch.device) -> Tensor:
-    """U[0, 1) drawn on the CPU (same bytes on every device), then moved."""
-    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+def _block_seed(seed: int, block: int) -> int:
+    if block == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}\x00block\x00{block}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _rescale(tau: Tensor, kept: Tensor, keep_prob: Tensor | float, l1: bool) -> Tensor:
-    """Unbiased rescale kept / p, or (mergekit) kept · ‖τ‖₁ / ‖kept‖₁."""
-    if not l1:
-        return kept / keep_prob
-    before, after = tau.abs().sum(), kept.abs().sum()
-    return kept * (before / after) if before >= 1e-7 and after >= 1e-7 else kept
+def uniform_span(seed: int, start: int, end: int, device: torch.device) -> Tensor:
+    """U[0, 1) for the flat positions [start, end) of a tensor: block j (RNG_BLOCK elements) comes from a CPU
+    generator seeded by (seed, j), so the bytes do not depend on the device or on how the tensor is chunked."""
+    parts = []
+    pos = start
+    while pos < end:
+        block = pos // RNG_BLOCK
+        first = block * RNG_BLOCK
+        stop = min(end, first + RNG_BLOCK)
+        values = torch.rand(stop - first, generator=torch.Generator().manual_seed(_block_seed(seed, block)))
+        parts.append(values[pos - first:])
+        pos = stop
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out.to(device)
+
+
+def _dare_chunk(seed: int, keep_prob: float, rescale: bool) -> Sparsifier:
+    def apply(tau: Tensor, s: int, e: int) -> Tensor:
+        kept = tau.mul_(uniform_span(seed, s, e, tau.device) < keep_prob)
+        return kept.div_(keep_prob) if rescale and keep_prob > 0 else kept
+    return apply
 
 
 def dare(tau: Tensor, drop_rate: float, seed: int, rescale: bool = True, l1: bool = False) -> Tensor:
-    """τ̃ = m ⊙ τ / (1 − p), m_i ~ Bernoulli(1 − p) (no rescale: m ⊙ τ)."""
-    keep_prob = 1.0 - drop_rate
-    kept = tau * (_uniform(tau.shape, seed, tau.device) < keep_prob)
-    return _rescale(tau, kept, keep_prob, l1) if rescale and keep_prob > 0 else kept
+    """τ̃ = m ⊙ τ / (1 − p), m_i ~ Bernoulli(1 − p) (no rescale: m ⊙ τ; ``l1``: rescaled to ‖τ‖₁ instead)."""
+    t = flat(tau)
+    rule = _dare_chunk(seed, 1.0 - drop_rate, rescale and not l1)
+    taus = lambda i, s, e: t[s:e].clone()  # noqa: E731
+    rules = _l1_scaled(taus, [rule], t, chunk_size(t)) if rescale and l1 and drop_rate < 1 else [rule]
+    return torch.cat([rules[0](taus(0, s, e), s, e) for s, e in spans(t.numel(), chunk_size(t))] or [t.clone()]
+                     ).view_as(tau)
+
+
+def _della_chunk(density: float, epsilon: float, seed: int, width: int, rescale: bool) -> Sparsifier:
+    """MagPrune on whole rows (chunks are row-aligned)."""
+    def apply(tau: Tensor, s: int, e: int) -> Tensor:
+        rows = tau.view(-1, width)
+        if width > 1:
+            ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).to(tau.dtype) / (width - 1)
+        else:
+            ranks = torch.full_like(rows, 0.5)
+        probs = ranks.mul_(2 * epsilon).add_(density - epsilon)
+        kept = rows.mul_(uniform_span(seed, s, e, tau.device).view_as(rows) < probs)
+        return (kept.div_(probs) if rescale else kept).view(-1)
+    return apply
+
+
+def _della_check(density: float, epsilon: float) -> None:
+    if density - epsilon <= 0 or density + epsilon > 1:
+        raise MethodError(f"della: density ± epsilon = {density} ± {epsilon} leaves (0, 1]",
+                          "choose epsilon < density ≤ 1 − epsilon")
+
+
+def _row_width(tau: Tensor) -> int:
+    return tau[0].numel() if tau.dim() > 1 and tau.shape[0] else max(tau.numel(), 1)
+
+
+def _row_chunk(width: int, like: Tensor) -> int:
+    return max(1, chunk_size(like) // width) * width
 
 
 def della(tau: Tensor, density: float, epsilon: float, seed: int, rescale: bool = True, l1: bool = False) -> Tensor:
     """MagPrune: p_i = density − ε + 2ε·r_i with r_i = rank(|τ_i|)/(m − 1) within its row (dim 0 slices, a 1-D
     tensor is one row; r = ½ for a single entry); τ̃_i = m_i τ_i / p_i, m_i ~ Bernoulli(p_i)."""
-    if density - epsilon <= 0 or density + epsilon > 1:
-        raise MethodError(f"della: density ± epsilon = {density} ± {epsilon} leaves (0, 1]",
-                          "choose epsilon < density ≤ 1 − epsilon")
-    rows = tau.reshape(tau.shape[0], -1) if tau.dim() > 1 else tau.reshape(1, -1)
-    width = rows.shape[1]
-    if width > 1:
-        ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).to(tau.dtype) / (width - 1)
-    else:
-        ranks = torch.full_like(rows, 0.5)
-    probs = density - epsilon + 2 * epsilon * ranks
-    kept = rows * (_uniform(rows.shape, seed, tau.device) < probs)
-    out = _rescale(rows, kept, probs, l1) if rescale else kept
-    return out.reshape(tau.shape)
+    _della_check(density, epsilon)
+    t = flat(tau)
+    width = _row_width(tau)
+    chunk = _row_chunk(width, t)
+    rule = _della_chunk(density, epsilon, seed, width, rescale and not l1)
+    taus = lambda i, s, e: t[s:e].clone()  # noqa: E731
+    rules = _l1_scaled(taus, [rule], t, chunk) if rescale and l1 else [rule]
+    return torch.cat([rules[0](taus(0, s, e), s, e) for s, e in spans(t.numel(), chunk)] or [t.clone()]
+                     ).view_as(tau)
 
 
 # ---------------------------------------------------------------------------------------------------- breadcrumbs
-def breadcrumbs(tau: Tensor, density: float, gamma: float) -> Tensor:
-    """Drop the ⌊gamma·n⌋ largest |τ| and the smallest so that ⌈density·n⌉ entries remain (fewer top drops when
-    density + gamma > 1)."""
-    n = tau.numel()
+def _breadcrumbs_counts(density: float, gamma: float, n: int) -> tuple[int, int]:
     n_keep = keep_count(density, n)
     n_top = math.floor(round(gamma * n, 3))
     n_bottom = n - n_keep - n_top
     if n_bottom < 0:
         n_top, n_bottom = n_top + n_bottom, 0
-    order = torch.sort(tau.abs().flatten(), stable=True).indices
-    mask = torch.zeros(n, dtype=torch.bool, device=tau.device)
-    mask[order[n_bottom:n - n_top]] = True
-    return tau * mask.view_as(tau)
+    return n_bottom, n_top
+
+
+def breadcrumbs_rule(base: Tensor, model: Tensor, density: float, gamma: float, chunk: int) -> Sparsifier:
+    """Drop the ``n_top`` largest and the ``n_bottom`` smallest |τ| (stable ascending order: among equal
+    magnitudes the earlier positions count as smaller) from two exact order statistics."""
+    b, m = flat(base), flat(model)
+    n = b.numel()
+    n_bottom, n_top = _breadcrumbs_counts(density, gamma, n)
+    wanted = ([n_top] if n_top > 0 else []) + ([n - n_bottom + 1] if n_bottom > 0 else [])
+    found = kth_largest_abs(b, [m] * len(wanted), wanted) if wanted else []
+    top = found.pop(0) if n_top > 0 else None
+    bottom = found.pop(0) if n_bottom > 0 else None
+    top_quota = bottom_quota = None
+    if top is not None and top.greater + top.equal > n_top:  # drop the last (n_top − greater) of the tied
+        top_quota = _quotas(_count_per_chunk(b, m, top.value, chunk), n_top - top.greater, True, chunk)
+    if bottom is not None:
+        less = n - bottom.greater - bottom.equal
+        if less + bottom.equal > n_bottom:  # drop the first (n_bottom − less) of the tied
+            bottom_quota = _quotas(_count_per_chunk(b, m, bottom.value, chunk), n_bottom - less, False, chunk)
+
+    def apply(tau: Tensor, s: int, e: int) -> Tensor:
+        mag = tau.abs()
+        drop = torch.zeros_like(tau, dtype=torch.bool)
+        if top is not None:
+            drop |= mag > top.value
+            if top_quota is None:
+                drop |= mag == top.value
+            elif top_quota[s]:
+                tied = (mag == top.value).nonzero().flatten()
+                drop[tied[tied.numel() - top_quota[s]:]] = True
+        if bottom is not None:
+            drop |= mag < bottom.value
+            if bottom_quota is None:
+                drop |= mag == bottom.value
+            elif bottom_quota[s]:
+                tied = (mag == bottom.value).nonzero().flatten()
+                drop[tied[:bottom_quota[s]]] = True
+        return tau.masked_fill_(drop, 0)
+    return apply
+
+
+def breadcrumbs(tau: Tensor, density: float, gamma: float) -> Tensor:
+    """Drop the ⌊gamma·n⌋ largest |τ| and the smallest so that ⌈density·n⌉ entries remain (fewer top drops when
+    density + gamma > 1)."""
+    t = flat(tau)
+    zero = torch.zeros_like(t)
+    chunk = chunk_size(t)
+    rule = breadcrumbs_rule(zero, t, density, gamma, chunk)
+    return torch.cat([rule(t[s:e].clone(), s, e) for s, e in spans(t.numel(), chunk)] or [t.clone()]).view_as(tau)
 
 
 # ---------------------------------------------------------------------------------------------------- global top-k
-_HIGH_BINS, _LOW_BINS = 1 << 15, 1 << 16
-
-
-def _bits(tau: Tensor) -> Tensor:
-    """IEEE-754 bit patterns of |τ| (float32): for non-negative floats they sort like the values."""
-    return tau.abs().float().contiguous().view(torch.int32).flatten().long()
-
-
-def _locate(hist: Tensor, k: int) -> tuple[int, int]:
-    """The bin holding the k-th largest count position, and the rank k' of that element inside the bin."""
-    from_top = hist.flip(0).cumsum(0)
-    pos = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype)))
-    bin_ = hist.numel() - 1 - pos
-    return bin_, k - int(from_top[pos] - hist[bin_])
+GLOBAL_SAMPLE_SHIFT = 8  # the global pre-pass samples one entry in 2**8 of every tensor
 
 
 def global_thresholds(stream: Callable[[], Iterator[TensorTask]]) -> list[float]:
-    """Exact k_t-th largest |τ_t| over every tensor of each model t, k_t = ⌈Σ_tensors density_t·numel⌉.
+    """Exact k_t-th largest |τ_t| over every tensor of each model t, k_t = ⌈Σ_tensors density_t·numel⌉, in float32.
 
-    Two streaming passes over the tensors: a histogram of the high 16 bits of |τ|'s float32 pattern locates the
-    bin, a histogram of the low 16 bits inside that bin pins the value. Memory: two histograms per model.
+    Pass 1 samples |τ| (one entry in 256 of each tensor, fixed seed) to bracket each model's threshold; pass 2
+    streams every tensor once, counting the entries above the bracket and keeping those inside it; an exact
+    selection among those finishes. Memory: the sample and the bracket's entries. If the bracket misses (or holds
+    too much), a two-pass radix select over the float32 bit patterns gives the exact value instead.
     """
-    high: list[Tensor] = []
+    samples: list[list[Tensor]] = []
     wanted: list[float] = []
+    totals: list[int] = []
+    gen = torch.Generator().manual_seed(0x61_0BA1)
     for task in stream():
+        b = flat(task.base)
+        n = b.numel()
+        take = max(1, -(-n >> GLOBAL_SAMPLE_SHIFT)) if n else 0
+        idx = torch.randint(0, max(n, 1), (take,), generator=gen).to(b.device) if take else None
         for i, model in enumerate(task.models):
-            if i == len(high):
-                high.append(torch.zeros(_HIGH_BINS, dtype=torch.long))
+            if i == len(samples):
+                samples.append([])
                 wanted.append(0.0)
-            high[i] += torch.bincount(_bits(model - task.base) >> 16, minlength=_HIGH_BINS).cpu()
-            wanted[i] += task.params["density"][i] * model.numel()
-    targets = []
-    for hist, want in zip(high, wanted):
-        k = min(int(hist.sum()), _ceil(want))
-        targets.append((*_locate(hist, k), k) if k > 0 else None)
-    low = [torch.zeros(_LOW_BINS, dtype=torch.long) for _ in high]
+                totals.append(0)
+            if idx is not None:
+                samples[i].append((flat(model)[idx] - b[idx]).abs().float().cpu())
+            wanted[i] += task.params["density"][i] * n
+            totals[i] += n
+    ks = [min(totals[i], _ceil(wanted[i])) for i in range(len(wanted))]
+    brackets = []
+    for i, k in enumerate(ks):
+        sample = torch.cat(samples[i]).sort().values if samples[i] else torch.zeros(0)
+        size = sample.numel()
+        if k <= 0 or not size:
+            brackets.append(None)
+            continue
+        rank = (totals[i] - k) / totals[i] * size
+        p = min(max(rank / size, 1e-9), 1 - 1e-9)
+        spread = 6.0 * math.sqrt(size * p * (1 - p)) + 8
+        low_pos, high_pos = math.floor(rank - spread), math.ceil(rank + spread)
+        brackets.append((-1.0 if low_pos < 0 else float(sample[low_pos]),
+                         math.inf if high_pos >= size else float(sample[high_pos])))
+    above = [0] * len(ks)
+    inside: list[list[Tensor]] = [[] for _ in ks]
+    held = [0] * len(ks)
+    caps = [max(t >> 3, 1 << 20) for t in totals]
+    failed = set()
+    lock = threading.Lock()
     for task in stream():
+        b = flat(task.base)
         for i, model in enumerate(task.models):
-            if targets[i] is not None:
-                bits = _bits(model - task.base)
-                low[i] += torch.bincount(bits[(bits >> 16) == targets[i][0]] & 0xFFFF, minlength=_LOW_BINS).cpu()
-    out = []
-    for target, hist in zip(targets, low):
-        if target is None:
+            if brackets[i] is None or i in failed:
+                continue
+            low, high = brackets[i]
+            m = flat(model)
+
+            def scan(s: int, e: int, m: Tensor = m, low: float = low, high: float = high, i: int = i):
+                a = (m[s:e] - b[s:e]).abs_().float()
+                over = a > high
+                band = a[(a > low) ^ over]
+                with lock:
+                    held[i] += band.numel()
+                return int(torch.count_nonzero(over)), band.cpu()
+
+            for count, band in map_chunks(scan, b.numel(), b):
+                above[i] += count
+                inside[i].append(band)
+            if held[i] > caps[i]:
+                failed.add(i)
+                inside[i] = []
+    out: list[float] = []
+    retry = []
+    for i, k in enumerate(ks):
+        if k <= 0:
             out.append(math.inf)
             continue
-        high_bin, rank, _ = target
-        low_bin, _ = _locate(hist, rank)
-        pattern = torch.tensor([(high_bin << 16) | low_bin], dtype=torch.int32)
-        out.append(float(pattern.view(torch.float32)))
+        need = k - above[i]
+        values = torch.cat(inside[i]) if inside[i] else torch.zeros(0)
+        if i in failed or brackets[i] is None or not 1 <= need <= values.numel():
+            out.append(math.nan)
+            retry.append(i)
+            continue
+        out.append(float(torch.kthvalue(values, values.numel() - need + 1).values))
+    if retry:
+        exact = _radix_global(stream, [ks[i] if i in retry else 0 for i in range(len(ks))])
+        for i in retry:
+            out[i] = exact[i]
     return out
+
+
+def _radix_global(stream: Callable[[], Iterator[TensorTask]], ks: list[int]) -> list[float]:
+    def chunks() -> Iterator[list[Tensor | None]]:
+        for task in stream():
+            b = flat(task.base)
+            ms = [flat(m) for m in task.models]
+            for s, e in spans(b.numel(), chunk_size(b)):
+                yield [(m[s:e] - b[s:e]).abs_() if ks[i] > 0 else None for i, m in enumerate(ms)]
+    return radix_histograms(chunks, ks)
 
 
 def _ties_prepass(stream: Callable[[], Iterator[TensorTask]]) -> dict[str, Any]:
@@ -302,6 +600,8 @@ COMBINE = Param("combine", "task_arithmetic", str, "how the sparsified task vect
                 choices=("task_arithmetic", "ties"))
 SEED = Param("seed", 0, int, "random seed (per tensor and model: sha256(seed, name, index))", minimum=0)
 RESCALE = Param("rescale", True, bool, "rescale the kept entries by 1/keep probability (mergekit: to the L1 norm)")
+TIES_RESCALE = Param("rescale", False, bool, "scale each trimmed task vector back to its L1 norm (mergekit's "
+                     "rescale, RescaleNorm.l1)")
 
 
 def _density(default: float, doc: str = "fraction of each task vector kept") -> Param:
@@ -317,7 +617,7 @@ def _ties_fn(task: TensorTask) -> Tensor:
             raise MethodError(f"ties scope 'global' on '{task.name}' needs the whole-model pre-pass",
                               "merge through unmerge.engine.merge_checkpoints, or use scope: per_tensor")
     return ties(task.base, task.models, p["weight"], p["density"], p["lambda"], p["compat"], p["normalize"],
-                thresholds)
+                thresholds, p["rescale"])
 
 
 register(Method(
@@ -328,41 +628,56 @@ register(Method(
     params=(WEIGHT, _density(0.2), LAMBDA,
             Param("scope", "per_tensor", str, "top-k per tensor, or over each model's whole task vector",
                   choices=("per_tensor", "global")),
-            COMPAT, NORMALIZE),
+            COMPAT, NORMALIZE, TIES_RESCALE),
     prepass=_ties_prepass,
 ))
 
+# (task, model index, chunk) -> that model's chunk sparsifier, and whether it rescales to the L1 norm afterwards
+MakeSparsifier = Callable[[TensorTask, int, int], tuple[Sparsifier, bool]]
 
-def _sparsified(sparsify: Callable[[TensorTask, Tensor, int], Tensor],
-                family_normalize: bool) -> Callable[[TensorTask], Tensor]:
-    """A method function: sparsify each τ_t, then combine as ``params['combine']`` says."""
+
+def _sparsified(make: MakeSparsifier, family_normalize: bool, row_chunks: bool) -> Callable[[TensorTask], Tensor]:
+    """A method function: sparsify each τ_t, then combine as ``params['combine']`` says, chunk by chunk."""
     def fn(task: TensorTask) -> Tensor:
         p = task.params
-        deltas = [sparsify(task, model - task.base, i) for i, model in enumerate(task.models)]
-        return combine(task.base, deltas, p["weight"], p["combine"], p["lambda"], p["compat"], p["normalize"],
-                       family_normalize)
+        conv = CONVENTIONS[p["compat"]]
+        chunk = _row_chunk(_row_width(task.base), task.base) if row_chunks else chunk_size(task.base)
+        made = [make(task, i, chunk) for i in range(len(task.models))]
+        rules = [rule for rule, _ in made]
+        taus = _model_taus(task.base, task.models)
+        if any(l1 for _, l1 in made):
+            rules = _l1_scaled(taus, rules, task.base, chunk)
+        normalize = p["normalize"] if p["combine"] != "ties" else _family_normalize(conv, p["normalize"],
+                                                                                      family_normalize)
+        return stream_combine(task.base, taus, rules, p["weight"], p["combine"], p["lambda"], p["compat"],
+                              bool(normalize), chunk)
     return fn
 
 
-def _dare_sparsify(task: TensorTask, tau: Tensor, i: int) -> Tensor:
+def _dare_sparsify(task: TensorTask, i: int, chunk: int) -> tuple[Sparsifier, bool]:
     p = task.params
     drop = p["drop_rate"][i] if p["density"][i] is None else 1.0 - p["density"][i]
-    return dare(tau, drop, tensor_seed(p["seed"], task.name, i), p["rescale"], CONVENTIONS[p["compat"]].l1_rescale)
+    l1 = p["rescale"] and CONVENTIONS[p["compat"]].l1_rescale and drop < 1
+    return _dare_chunk(tensor_seed(p["seed"], task.name, i), 1.0 - drop, p["rescale"] and not l1), l1
 
 
-def _breadcrumbs_sparsify(task: TensorTask, tau: Tensor, i: int) -> Tensor:
-    return breadcrumbs(tau, task.params["density"][i], task.params["gamma"][i])
-
-
-def _della_sparsify(task: TensorTask, tau: Tensor, i: int) -> Tensor:
+def _breadcrumbs_sparsify(task: TensorTask, i: int, chunk: int) -> tuple[Sparsifier, bool]:
     p = task.params
-    return della(tau, p["density"][i], p["epsilon"][i], tensor_seed(p["seed"], task.name, i), p["rescale"],
-                 CONVENTIONS[p["compat"]].l1_rescale)
+    return breadcrumbs_rule(task.base, task.models[i], p["density"][i], p["gamma"][i], chunk), False
+
+
+def _della_sparsify(task: TensorTask, i: int, chunk: int) -> tuple[Sparsifier, bool]:
+    p = task.params
+    _della_check(p["density"][i], p["epsilon"][i])
+    l1 = p["rescale"] and CONVENTIONS[p["compat"]].l1_rescale
+    rule = _della_chunk(p["density"][i], p["epsilon"][i], tensor_seed(p["seed"], task.name, i),
+                        _row_width(task.base), p["rescale"] and not l1)
+    return rule, l1
 
 
 def _family(name: str, variant: str, summary: str, formula: str, params: tuple[Param, ...],
-            sparsify: Callable[[TensorTask, Tensor, int], Tensor], mergekit_normalize: bool,
-            symmetric: bool, aliases: tuple[str, ...] = ()) -> None:
+            sparsify: MakeSparsifier, mergekit_normalize: bool, symmetric: bool, aliases: tuple[str, ...] = (),
+            row_chunks: bool = False) -> None:
     """Register ``name`` (combine: task_arithmetic) and ``variant`` (combine: ties) — mergekit's two spellings.
 
     ``mergekit_normalize``: mergekit's default ``normalize`` for the family's TIES form (compat: mergekit).
@@ -371,7 +686,7 @@ def _family(name: str, variant: str, summary: str, formula: str, params: tuple[P
         combine_param = dataclasses.replace(COMBINE, default=how)
         register(Method(
             name=method_name,
-            fn=_sparsified(sparsify, mergekit_normalize),
+            fn=_sparsified(sparsify, mergekit_normalize, row_chunks),
             summary=summary + ("" if how == "task_arithmetic" else ", then TIES sign election"),
             formula=formula,
             params=(WEIGHT, *params, combine_param, LAMBDA, COMPAT, NORMALIZE),
@@ -408,5 +723,5 @@ _family(
     (_density(0.5), Param("epsilon", 0.15, float, "half-width ε of the keep-probability range", per_model=True,
                           minimum=0.0, maximum=0.5),
      SEED, RESCALE),
-    _della_sparsify, True, symmetric=False,
+    _della_sparsify, True, symmetric=False, row_chunks=True,
 )

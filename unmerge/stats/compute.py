@@ -1,18 +1,90 @@
-"""Estimate a statistic of a model on a text dataset and store it with its full description."""
+"""Estimate a statistic of a model on a text dataset and store it with its full description.
+
+``estimate_fisher`` (diagonal Fisher, keyed by parameter), ``estimate_gram`` (RegMean input Grams) and
+``estimate_kfac`` (K-FAC factors), the latter two keyed per layer (``<module>.gram``, ``<module>.A``/``.G``; see
+``unmerge.stats.gram``). They share the loading, encoding and metadata code below.
+"""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from unmerge import __version__
 from unmerge.checkpoint import Checkpoint
 from unmerge.engine import checkpoint_hash, resolve_device
+from unmerge.errors import StatisticError
 from unmerge.models import load_causal_lm, resolve_model
 from unmerge.stats.fisher import diagonal_fisher
+from unmerge.stats.gram import WEIGHT_SUFFIX, gram_statistics, module_of
+from unmerge.stats.kfac import kfac_factors
 from unmerge.stats.store import save_statistic
 from unmerge.text import encode_examples, fingerprint_texts, model_context
+
+KINDS = ("fisher", "gram", "kfac")
+
+
+@dataclass
+class _Run:
+    """A model loaded for estimation and the encoded examples."""
+
+    spec: str
+    model_dir: Path
+    device: torch.device
+    model: Any
+    texts: list[str]
+    used: list[str]
+    encoded: list[list[int]]
+    max_length: int
+    start: float = 0.0
+
+
+def _prepare(model_spec: str | Path, texts: list[str], examples: int | None, max_length: int, device: str) -> _Run:
+    model_dir = resolve_model(model_spec)
+    dev = resolve_device(device)
+    model, tokenizer = load_causal_lm(model_dir, device=str(dev))
+    used = texts[:examples] if examples else texts
+    encoded = encode_examples(tokenizer, used, min(max_length, model_context(model.config)))
+    return _Run(str(model_spec), model_dir, dev, model, texts, used, encoded, max_length, time.perf_counter())
+
+
+def _store(run: _Run, kind: str, tensors: dict[str, torch.Tensor], info: dict, out_dir: str | Path, *,
+           parameter_of: Callable[[str], str], n: float | None, data_name: str, overwrite: bool) -> dict:
+    """Keep the tensors whose parameter is in the checkpoint (``parameter_of`` maps a statistic key to it), write
+    them with the shared metadata, return the metadata."""
+    names = set(Checkpoint(run.model_dir).names())
+    missing = [k for k in tensors if parameter_of(k) not in names]
+    tensors = {k: v for k, v in tensors.items() if parameter_of(k) in names}
+    if not tensors:
+        raise StatisticError(f"no {kind} statistic matches a tensor of the checkpoint '{run.model_dir}'")
+    if "layers" in info:  # per-layer statistics: describe only the layers kept
+        info = {**info, "layers": {m: d for m, d in info["layers"].items() if m + WEIGHT_SUFFIX in names}}
+    meta = {
+        "kind": kind,
+        **info,
+        "N": float(n) if n is not None else float(len(run.texts)),
+        "n_dataset": len(run.texts),
+        "max_length": run.max_length,
+        "data": data_name,
+        "data_fingerprint": fingerprint_texts(run.used),
+        "model": run.spec,
+        "model_hash": checkpoint_hash(Checkpoint(run.model_dir)),
+        "device": str(run.device),
+        "torch_threads": torch.get_num_threads(),
+        "seconds": round(time.perf_counter() - run.start, 3),
+        "unmerge_version": __version__,
+        "not_in_checkpoint": missing,
+    }
+    save_statistic(tensors, meta, out_dir, overwrite=overwrite)
+    return meta
+
+
+def _layer_parameter(key: str) -> str:
+    """``<module>.<factor>`` → ``<module>.weight``."""
+    return module_of(key) + WEIGHT_SUFFIX
 
 
 def estimate_fisher(model_spec: str | Path, texts: list[str], out_dir: str | Path, *, examples: int | None = None,
@@ -23,32 +95,43 @@ def estimate_fisher(model_spec: str | Path, texts: list[str], out_dir: str | Pat
 
     N (the data-size scale of H = N·F) defaults to the size of the dataset given, before the ``examples`` cut.
     """
-    model_dir = resolve_model(model_spec)
-    dev = resolve_device(device)
-    model, tokenizer = load_causal_lm(model_dir, device=str(dev))
-    used = texts[:examples] if examples else texts
-    encoded = encode_examples(tokenizer, used, min(max_length, model_context(model.config)))
-    start = time.perf_counter()
-    fisher, info = diagonal_fisher(model, encoded, estimator=estimator, level=level, batch_size=batch_size,
+    run = _prepare(model_spec, texts, examples, max_length, device)
+    fisher, info = diagonal_fisher(run.model, run.encoded, estimator=estimator, level=level, batch_size=batch_size,
                                    seed=seed, path=path, progress=progress)
-    names = set(Checkpoint(model_dir).names())
-    missing = [k for k in fisher if k not in names]
-    fisher = {k: v for k, v in fisher.items() if k in names}
-    meta = {
-        "kind": "fisher",
-        **info,
-        "N": float(n) if n is not None else float(len(texts)),
-        "n_dataset": len(texts),
-        "max_length": max_length,
-        "data": data_name,
-        "data_fingerprint": fingerprint_texts(used),
-        "model": str(model_spec),
-        "model_hash": checkpoint_hash(Checkpoint(model_dir)),
-        "device": str(dev),
-        "torch_threads": torch.get_num_threads(),
-        "seconds": round(time.perf_counter() - start, 3),
-        "unmerge_version": __version__,
-        "not_in_checkpoint": missing,
-    }
-    save_statistic(fisher, meta, out_dir, overwrite=overwrite)
-    return meta
+    return _store(run, "fisher", fisher, info, out_dir, parameter_of=lambda k: k, n=n, data_name=data_name,
+                  overwrite=overwrite)
+
+
+def estimate_gram(model_spec: str | Path, texts: list[str], out_dir: str | Path, *, examples: int | None = None,
+                  batch_size: int = 8, max_length: int = 128, n: float | None = None, device: str = "auto",
+                  progress: bool = True, overwrite: bool = False, data_name: str = "") -> dict:
+    """Input Gram E[x xᵀ] of every linear layer (``<module>.gram``), saved to ``out_dir``; returns the metadata."""
+    run = _prepare(model_spec, texts, examples, max_length, device)
+    tensors, info = gram_statistics(run.model, run.encoded, batch_size=batch_size, progress=progress)
+    return _store(run, "gram", tensors, info, out_dir, parameter_of=_layer_parameter, n=n, data_name=data_name,
+                  overwrite=overwrite)
+
+
+def estimate_kfac(model_spec: str | Path, texts: list[str], out_dir: str | Path, *, examples: int | None = None,
+                  estimator: str = "sampled", batch_size: int = 8, seed: int = 0, max_length: int = 128,
+                  n: float | None = None, device: str = "auto", progress: bool = True, overwrite: bool = False,
+                  data_name: str = "") -> dict:
+    """K-FAC factors A, G of every linear layer (``<module>.A``, ``<module>.G``), saved to ``out_dir``."""
+    run = _prepare(model_spec, texts, examples, max_length, device)
+    tensors, info = kfac_factors(run.model, run.encoded, estimator=estimator, batch_size=batch_size, seed=seed,
+                                 progress=progress)
+    return _store(run, "kfac", tensors, info, out_dir, parameter_of=_layer_parameter, n=n, data_name=data_name,
+                  overwrite=overwrite)
+
+
+ESTIMATE = {"fisher": estimate_fisher, "gram": estimate_gram, "kfac": estimate_kfac}
+
+
+def estimate_statistic(kind: str, model_spec: str | Path, texts: list[str], out_dir: str | Path,
+                       **options: Any) -> dict:
+    """Dispatch to ``estimate_<kind>``."""
+    if kind not in ESTIMATE:
+        from unmerge.errors import did_you_mean
+
+        raise StatisticError(f"unknown statistic kind '{kind}'", did_you_mean(kind, KINDS))
+    return ESTIMATE[kind](model_spec, texts, out_dir, **options)

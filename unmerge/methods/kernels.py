@@ -1,0 +1,274 @@
+"""Streaming building blocks for the per-tensor methods: chunked element-wise loops and an exact, memory-lean
+order statistic of |τ| = |θ_t − θ₀|.
+
+Why chunks: a method receives whole tensors (on the CPU, memory-mapped from the safetensors files, so reading them
+costs no anonymous memory). Whole-tensor expressions such as ``((models - base) * w * mask).sum(0)`` materialise
+several float copies of the largest tensor (an embedding is often 10% of a model); looping over slices of
+``CPU_CHUNK`` elements keeps the temporaries in cache and the peak memory at one output tensor plus a few chunks.
+Slices below torch's intra-op grain run on the calling thread, so the loop never pays OpenMP start-up per op
+(which on a small or busy machine costs more than the arithmetic). On CUDA, chunks are large (launch overhead
+dominates there, and device memory holds the whole tensor anyway).
+
+Why not ``torch.topk``/``sort``/``kthvalue`` on the whole tensor: each copies it (and ``topk`` with k ≈ n/2 is
+slower than a full sort). :func:`kth_largest_abs` draws a fixed-seed sample of |τ| to bracket the wanted rank,
+makes one streaming pass that counts the entries above the bracket and keeps the few inside it, and finishes with
+an exact selection on those. The answer is exact whatever the sample: if the rank falls outside the bracket
+(unlucky sample, or a mass of equal magnitudes), it falls back to an exact two-pass radix select over the float32
+bit patterns (float32) or to a whole-tensor ``kthvalue`` (other dtypes).
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator, TypeVar
+
+import torch
+
+Tensor = torch.Tensor
+
+CPU_CHUNK = 1 << 18  # elements per chunk on the CPU (1 MB of float32: temporaries stay in cache)
+CUDA_CHUNK = 1 << 26
+SAMPLE = 1 << 16  # sample size used to bracket an order statistic
+SMALL = 1 << 16  # tensors this small are selected directly
+_SAMPLE_SEED = 0x5EED
+
+
+def chunk_size(t: Tensor) -> int:
+    return CPU_CHUNK if t.device.type == "cpu" else CUDA_CHUNK
+
+
+def spans(n: int, chunk: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, chunk):
+        yield start, min(n, start + chunk)
+
+
+T = TypeVar("T")
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+_POOL_LOCK = threading.Lock()
+
+
+def cpu_workers() -> int:
+    """Chunk workers on the CPU: torch's thread count (``torch.set_num_threads`` / OMP_NUM_THREADS), capped by the
+    cores."""
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+
+
+def _pool(size: int) -> ThreadPoolExecutor:
+    """A process-wide pool whose threads each run torch single-threaded: the chunks are the parallelism, so no op
+    pays OpenMP's fork/join (which, with every core busy, can cost more than the arithmetic). The pool's threads
+    set their own thread count; the process-wide default that new threads inherit is restored."""
+    global _POOL, _POOL_SIZE
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_SIZE != size:
+            if _POOL is not None:
+                _POOL.shutdown(wait=False)
+            saved = torch.get_num_threads()
+            barrier = threading.Barrier(size)
+
+            def init() -> None:
+                torch.get_num_threads()  # initialise this thread's torch threading state first
+                torch.set_num_threads(1)
+
+            pool = ThreadPoolExecutor(size, thread_name_prefix="unmerge-chunk", initializer=init)
+            list(pool.map(lambda _: barrier.wait(), range(size)))  # start (and initialise) every thread now
+            torch.set_num_threads(saved)
+            _POOL, _POOL_SIZE = pool, size
+        return _POOL
+
+
+def map_chunks(fn: Callable[[int, int], T], n: int, like: Tensor, chunk: int | None = None) -> list[T]:
+    """``[fn(start, end) for each chunk of range(n)]``, in order; on the CPU the chunks run on :func:`_pool`."""
+    ranges = list(spans(n, chunk or chunk_size(like)))
+    workers = cpu_workers()
+    if like.device.type != "cpu" or workers == 1 or (len(ranges) == 1 and n <= 32768):
+        return [fn(s, e) for s, e in ranges]
+    return list(_pool(workers).map(lambda r: fn(*r), ranges))
+
+
+def flat(t: Tensor) -> Tensor:
+    """A 1-D view (a copy only for a non-contiguous input)."""
+    return t.reshape(-1)
+
+
+def below(value: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` value strictly below ``value``: ``|x| > below(v)`` is ``|x| ≥ v`` for ``dtype`` x."""
+    v = torch.tensor(value, dtype=dtype)
+    return float(torch.nextafter(v, torch.tensor(-math.inf, dtype=dtype)))
+
+
+def shrink(x: Tensor, threshold: float | None) -> Tensor:
+    """x where |x| > threshold, else 0 (``hardshrink``: the |·|, comparison and select in one pass). ``None``
+    keeps everything; ``inf`` keeps nothing."""
+    if threshold is None:
+        return x
+    if threshold == math.inf:
+        return torch.zeros_like(x)
+    if threshold < 0:
+        return x
+    return torch.nn.functional.hardshrink(x, threshold)
+
+
+# ---------------------------------------------------------------------------------------------------- order statistic
+@dataclass(frozen=True)
+class Kth:
+    """The k-th largest |τ| (``value``), how many entries are strictly above it and how many equal it."""
+
+    value: float
+    greater: int
+    equal: int
+
+
+def _direct(a: Tensor, k: int) -> Kth:
+    v = torch.kthvalue(a, a.numel() - k + 1).values
+    return Kth(float(v), int(torch.count_nonzero(a > v)), int(torch.count_nonzero(a == v)))
+
+
+def kth_largest_abs(base: Tensor, models: list[Tensor], ks: list[int]) -> list[Kth | None]:
+    """For each model t, the ks[t]-th largest |θ_t − θ₀| over the whole tensor (None where ks[t] ∉ [1, n]).
+
+    One streaming pass over all models together; memory: a sample and the entries inside each bracket.
+    """
+    b = flat(base)
+    ms = [flat(m) for m in models]
+    n = b.numel()
+    out: list[Kth | None] = [None] * len(ms)
+    todo = [i for i, k in enumerate(ks) if 1 <= k <= n]
+    if not todo:
+        return out
+    if n <= SMALL:
+        for i in todo:
+            out[i] = _direct((ms[i] - b).abs(), ks[i])
+        return out
+
+    gen = torch.Generator().manual_seed(_SAMPLE_SEED)
+    idx = torch.randint(0, n, (SAMPLE,), generator=gen).sort().values.to(b.device)
+    b_sample = b[idx]
+    brackets: dict[int, tuple[float, float]] = {}
+    for i in todo:
+        sample = (ms[i][idx] - b_sample).abs().sort().values
+        rank = (n - ks[i]) / n * SAMPLE  # ascending position of the wanted value in the sorted sample
+        spread = 6.0 * math.sqrt(SAMPLE * max(rank / SAMPLE, 1e-9) * max(1 - rank / SAMPLE, 1e-9)) + 8
+        low_pos, high_pos = math.floor(rank - spread), math.ceil(rank + spread)
+        low = -1.0 if low_pos < 0 else float(sample[low_pos])
+        high = math.inf if high_pos >= SAMPLE else float(sample[high_pos])
+        brackets[i] = (low, high)
+
+    cap = max(n // 8, 4 * SAMPLE)
+    lock = threading.Lock()
+    held = {i: 0 for i in todo}
+    failed: set[int] = set()
+
+    def scan(s: int, e: int) -> dict[int, tuple[int, Tensor]]:
+        a = torch.empty(e - s, dtype=b.dtype, device=b.device)
+        found = {}
+        for i in todo:
+            if i in failed:
+                continue
+            low, high = brackets[i]
+            torch.sub(ms[i][s:e], b[s:e], out=a)
+            a.abs_()
+            over = a > high
+            band = a[(a > low) ^ over]  # low < |τ| <= high
+            with lock:
+                held[i] += band.numel()
+                if held[i] > cap:
+                    failed.add(i)
+                    continue
+            found[i] = (int(torch.count_nonzero(over)), band)
+        return found
+
+    parts = map_chunks(scan, n, b)
+    above = {i: sum(p[i][0] for p in parts if i in p) for i in todo}
+    inside = {i: [p[i][1] for p in parts if i in p] for i in todo}
+    for i in todo:
+        need = ks[i] - above[i]
+        values = torch.cat(inside[i]) if inside[i] else b.new_empty(0)
+        if i in failed or need < 1:
+            out[i] = _exact(b, ms[i], ks[i])
+        elif need <= values.numel():
+            found = _direct(values, need)
+            out[i] = Kth(found.value, above[i] + found.greater, found.equal)
+        else:  # at or below the bracket's low end: usually a mass of equal magnitudes there (zeros)
+            low = brackets[i][0]
+            at_low = 0 if low < 0 else _count_equal(b, ms[i], low)
+            if need - values.numel() <= at_low:
+                out[i] = Kth(low, above[i] + values.numel(), at_low)
+            else:
+                out[i] = _exact(b, ms[i], ks[i])
+    return out
+
+
+def _count_equal(b: Tensor, m: Tensor, value: float) -> int:
+    return sum(map_chunks(lambda s, e: int(torch.count_nonzero((m[s:e] - b[s:e]).abs_() == value)), b.numel(), b))
+
+
+def _exact(b: Tensor, m: Tensor, k: int) -> Kth:
+    """Exact fallback: radix select on float32 bit patterns (two streaming passes), else whole-tensor kthvalue."""
+    if b.dtype != torch.float32:
+        return _direct((m - b).abs(), k)
+    return radix_kth_largest(lambda: ((m[s:e] - b[s:e]).abs_() for s, e in spans(b.numel(), chunk_size(b))), k)
+
+
+_HIGH_BINS, _LOW_BINS = 1 << 15, 1 << 16
+
+
+def _locate(hist: Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest element, and that element's rank k' (from the top) inside the bin."""
+    from_top = hist.flip(0).cumsum(0)
+    pos = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype)))
+    bin_ = hist.numel() - 1 - pos
+    return bin_, k - int(from_top[pos] - hist[bin_])
+
+
+def float_bits(magnitudes: Tensor) -> Tensor:
+    """IEEE-754 bit patterns of non-negative float32 values (they order like the values), as int32."""
+    return magnitudes.float().contiguous().view(torch.int32).reshape(-1)
+
+
+def radix_histograms(streams: Callable[[], Iterator[list[Tensor | None]]], ks: list[int]) -> list[float]:
+    """Exact ks[t]-th largest value of stream t, several streams at once (each item: one chunk per stream,
+    non-negative float32, None to skip). Two passes: a histogram of the high 16 bits locates the bin, one of the
+    low 16 bits inside it pins the value. Memory: two histograms per stream. ``inf`` where k < 1."""
+    count = len(ks)
+    high = [torch.zeros(_HIGH_BINS, dtype=torch.long) for _ in range(count)]
+    for chunks in streams():
+        for i, a in enumerate(chunks):
+            if a is not None and a.numel():
+                high[i] += torch.bincount(float_bits(a) >> 16, minlength=_HIGH_BINS).cpu()
+    targets = []
+    for hist, k in zip(high, ks):
+        k = min(int(hist.sum()), k)
+        targets.append(_locate(hist, k) if k > 0 else None)
+    low = [torch.zeros(_LOW_BINS, dtype=torch.long) for _ in range(count)]
+    if any(t is not None for t in targets):
+        for chunks in streams():
+            for i, a in enumerate(chunks):
+                if targets[i] is None or a is None or not a.numel():
+                    continue
+                bits = float_bits(a)
+                inside = bits[(bits >> 16) == targets[i][0]]
+                if inside.numel():
+                    low[i] += torch.bincount(inside & 0xFFFF, minlength=_LOW_BINS).cpu()
+    out = []
+    for target, hist in zip(targets, low):
+        if target is None:
+            out.append(math.inf)
+            continue
+        high_bin, rank = target
+        low_bin, _ = _locate(hist, rank)
+        out.append(float(torch.tensor([(high_bin << 16) | low_bin], dtype=torch.int32).view(torch.float32)))
+    return out
+
+
+def radix_kth_largest(stream: Callable[[], Iterator[Tensor]], k: int) -> Kth:
+    """Exact k-th largest of a stream of non-negative float32 chunks, with the counts above and equal to it."""
+    value = radix_histograms(lambda: ([a] for a in stream()), [k])[0]
+    greater = equal = 0
+    for a in stream():
+        greater += int(torch.count_nonzero(a > value))
+        equal += int(torch.count_nonzero(a == value))
+    return Kth(value, greater, equal)
