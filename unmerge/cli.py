@@ -38,6 +38,11 @@ def quiet_option(fn):
 
 def _logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if quiet:
+        hf_logging.disable_progress_bar()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,13 +59,19 @@ def main() -> None:
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="stage cache (default $UNMERGE_CACHE or "
               "~/.cache/unmerge)")
 @click.option("--dry-run", is_flag=True, help="validate the recipe and print its plan; download and compute nothing")
+@click.option("--threads", type=int, help="torch CPU threads (recorded in the report; on a busy machine 1 can be "
+              "faster than several)")
 @quiet_option
 @friendly
-def run(recipe, out, device, seed, cache_dir, dry_run, quiet):
+def run(recipe, out, device, seed, cache_dir, dry_run, threads, quiet):
     """Run an unlearning RECIPE end to end and write its report bundle."""
     from unmerge import api
 
     _logging(quiet)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     if dry_run:
         click.echo(api.plan(recipe, out=out, seed=seed, cache_dir=cache_dir))
         return
@@ -230,17 +241,22 @@ def bench() -> None:
 @click.option("--workdir", type=click.Path(file_okay=False), default="/tmp/unmerge-bench-merge", show_default=True,
               help="where the synthetic checkpoints are written (reused between runs)")
 @click.option("--mergekit/--no-mergekit", default=True, show_default=True,
-              help="also run mergekit-yaml on the same job when it is on PATH")
+              help="also run mergekit on the same job when it is found")
+@click.option("--mergekit-bin", default=None, metavar="PATH",
+              help="the mergekit-yaml executable (e.g. in its own virtualenv)  [default: mergekit-yaml on PATH]")
+@click.option("--device", default="cpu", show_default=True, help="device for unmerge's math (cpu, cuda, auto)")
 @friendly
-def bench_merge(size, n_models, methods, workdir, mergekit):
+def bench_merge(size, n_models, methods, workdir, mergekit, mergekit_bin, device):
     """Streaming merge against the I/O floor (and mergekit): wall time, ratio, peak RSS and anonymous memory."""
     import pandas as pd
 
     from unmerge.bench.merge import bench_merge as run_bench
     from unmerge.checkpoint.writer import parse_size
 
-    rows = run_bench(Path(workdir), parse_size(size), n_models, tuple(methods.split(",")), mergekit)
-    click.echo(pd.DataFrame(rows).to_string(index=False))
+    rows = run_bench(Path(workdir), parse_size(size), n_models, tuple(m for m in methods.split(",") if m), mergekit,
+                     mergekit_bin, device)
+    with pd.option_context("display.max_colwidth", 120, "display.width", 200):
+        click.echo(pd.DataFrame(rows).fillna("").to_string(index=False))
 
 
 if __name__ == "__main__":

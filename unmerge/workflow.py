@@ -232,7 +232,8 @@ class UnlearningRun:
         ev = self.recipe["evaluate"]
         keep = {"toxicity": ("scorer", "samples_per_prompt", "max_new_tokens", "do_sample", "top_p", "top_k",
                              "temperature", "seed", "batch_size"),
-                "perplexity": ("max_length", "stride", "batch_size"), "accuracy": (), "forget_quality": ("k",)}
+                "perplexity": ("max_length", "stride", "batch_size", "separator"), "accuracy": (),
+                "forget_quality": ("k", "separator")}
         return {name: {k: v for k, v in ev[name].items() if k in keep[name]} for name in ev}
 
     def _evaluate(self, cand: Candidate, out: Path) -> None:

@@ -29,9 +29,9 @@ DATA_REFERENCE_KEYS = ("prompts", "data", "task", "holdout", "retain", "forget",
 PROTOCOL_KEYS: dict[str, tuple[str, ...]] = {
     "toxicity": ("scorer", "samples_per_prompt", "max_new_tokens", "do_sample", "top_p", "top_k", "temperature",
                  "seed", "batch_size", "scorer_batch_size", "n_boot"),
-    "perplexity": ("max_length", "stride", "batch_size", "per_document"),
+    "perplexity": ("max_length", "stride", "batch_size", "per_document", "separator"),
     "accuracy": ("normalize", "batch_size", "max_length", "kind", "n_boot"),
-    "forget_quality": ("k", "max_length", "stride", "batch_size", "n_boot"),
+    "forget_quality": ("k", "max_length", "stride", "batch_size", "n_boot", "separator"),
 }
 
 MODULES = {"perplexity": "perplexity.py", "toxicity": "toxicity.py", "mc_accuracy": "mc_accuracy.py",
@@ -96,15 +96,29 @@ def _toxicity(model, tokenizer, proto, data, seed, progress):
     return rows, records
 
 
+def document_separator(tokenizer, separator: str | None) -> str:
+    """The text joining documents for corpus perplexity: a blank line by default; ``eos`` means the tokenizer's eos
+    token (for models trained on one document per sequence, where a blank line never occurred in training)."""
+    if separator is None:
+        return "\n\n"
+    if separator == "eos":
+        if tokenizer.eos_token is None:
+            raise DataError("perplexity separator 'eos' was asked for, but the tokenizer has no eos token",
+                            "use a literal separator string")
+        return tokenizer.eos_token
+    return separator
+
+
 def _perplexity(model, tokenizer, proto, data, seed, progress):
     from unmerge.evaluation.perplexity import corpus_perplexity, per_document_perplexity
 
     proto, refs = _split(proto, "perplexity")
     texts = list(_need(data, "perplexity_texts", "perplexity"))
     bs = int(proto.get("batch_size", 4))
+    separator = document_separator(tokenizer, proto.get("separator"))
     r = corpus_perplexity(model, tokenizer, texts, max_length=proto.get("max_length"), stride=proto.get("stride"),
-                          batch_size=bs, progress=progress)
-    recorded = {**refs, "max_length": r["max_length"], "stride": r["stride"], "n_tokens": r["n_tokens"],
+                          batch_size=bs, separator=separator, progress=progress)
+    recorded = {**refs, "separator": separator, "max_length": r["max_length"], "stride": r["stride"], "n_tokens": r["n_tokens"],
                 "n_scored": r["n_scored"], "batch_size": bs, "overflow": r["overflow"]}
     nan = float("nan")
     rows = [_row("perplexity", {"value": r["perplexity"], "ci_low": nan, "ci_high": nan, "n": r["n_documents"]},
@@ -160,8 +174,8 @@ def _forget_quality(model, tokenizer, proto, data, seed, progress):
     metrics, recs = forget_quality(
         model, tokenizer, forget, data.get("retain_texts") or None, data.get("holdout_texts") or None, k=k,
         max_length=proto.get("max_length"), stride=proto.get("stride"), batch_size=int(proto.get("batch_size", 8)),
-        n_boot=n_boot, seed=seed, progress=progress)
-    recorded = {**refs, "k": k, "n_boot": n_boot}
+        n_boot=n_boot, seed=seed, separator=document_separator(tokenizer, proto.get("separator")), progress=progress)
+    recorded = {**refs, "k": k, "n_boot": n_boot, "separator": document_separator(tokenizer, proto.get("separator"))}
     rows = [_row(name, est, "forget_quality", recorded) for name, est in metrics.items()]
     return rows, [{"kind": "membership", **r} for r in recs]
 

@@ -107,6 +107,7 @@ def forget_quality(
     batch_size: int = 8,
     n_boot: int = DEFAULT_N_BOOT,
     seed: int = 0,
+    separator: str = "\n\n",
     progress: bool = True,
 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Forget-quality metrics and per-example records.
@@ -124,7 +125,7 @@ def forget_quality(
 
     def ppl_entry(texts: Sequence[str]) -> dict[str, Any]:
         r = corpus_perplexity(model, tokenizer, texts, max_length=max_length, stride=stride,
-                              batch_size=batch_size, progress=progress)
+                              batch_size=batch_size, separator=separator, progress=progress)
         return {"value": r["perplexity"], "ci_low": nan, "ci_high": nan, "n": r["n_documents"],
                 "max_length": r["max_length"], "stride": r["stride"], "n_tokens": r["n_tokens"]}
 

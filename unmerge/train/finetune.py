@@ -68,7 +68,7 @@ def finetune(model_path: str | Path, texts: list[str], out_dir: str | Path, conf
              *, device: str = "auto", progress: bool = True, overwrite: bool = False) -> dict:
     """Train ``model_path`` on ``texts``; write the model (HF layout, safetensors), its tokenizer, the AdamW second
     moment (``adam_v/`` statistic) and ``training_info.json`` to ``out_dir`` atomically. Returns the info."""
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
     config = config or FinetuneConfig()
     set_seed(config.seed)
@@ -98,6 +98,8 @@ def finetune(model_path: str | Path, texts: list[str], out_dir: str | Path, conf
         )
         trainer = Trainer(model=model, args=args, train_dataset=_Examples(examples),
                           data_collator=lambda batch: collate_right_padded(batch, pad_id))
+        if not progress:
+            trainer.remove_callback(PrinterCallback)  # it prints every log line when the progress bar is off
         result = trainer.train()
         model = trainer.model
         model.save_pretrained(tmp, safe_serialization=True)
