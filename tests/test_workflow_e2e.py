@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -87,3 +88,27 @@ def test_rerun_uses_the_cache_and_dry_run_reports_it(bundle):
     res = runner.invoke(main, ["run", str(recipe), "--out", str(out), "--dry-run"])
     assert res.exit_code == 0, res.output
     assert "[to run]" not in res.output and res.output.count("[cached]") == 3 + 6 + 9
+
+
+def test_evaluate_command_caches_and_report_rebuilds_with_another_rule(bundle, tmp_path):
+    _, _, env = bundle
+    config = tmp_path / "eval.yaml"
+    config.write_text("evaluate:\n  perplexity: {limit: 20, max_length: 32, separator: eos}\n"
+                      "  accuracy: {limit: 8}\n")
+    runner = CliRunner(env=env)
+    args = ["evaluate", "builtin:tiny-lm", "builtin:tiny-lm-oracle", "--config", str(config), "--quiet"]
+    first = runner.invoke(main, args + ["--out", str(tmp_path / "ev1")])
+    assert first.exit_code == 0, first.output + repr(first.exception)
+    cache = Path(env["UNMERGE_CACHE"]) / "runs"
+    evals = sorted(cache.glob("eval-*.json"))
+    again = runner.invoke(main, args + ["--out", str(tmp_path / "ev2")])
+    assert again.exit_code == 0 and sorted(cache.glob("eval-*.json")) == evals  # nothing new computed
+    a = pd.read_csv(tmp_path / "ev1" / "metrics.csv")
+    assert set(a.candidate) == {"builtin:tiny-lm", "builtin:tiny-lm-oracle"}
+    assert a.equals(pd.read_csv(tmp_path / "ev2" / "metrics.csv"))
+    res = runner.invoke(main, ["report", str(tmp_path / "ev1"), "--out", str(tmp_path / "rebuilt"),
+                               "--select", "{maximize: accuracy}"])
+    assert res.exit_code == 0, res.output
+    # the first model is the reference ("base") of relative constraints, so the rule chooses among the others
+    assert "Selected candidate: **builtin:tiny-lm-oracle**" in (tmp_path / "rebuilt" / "report.md").read_text()
+    assert runner.invoke(main, ["verify", str(tmp_path / "rebuilt")]).exit_code == 0

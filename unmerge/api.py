@@ -65,6 +65,21 @@ def merge(config: str | Path | dict, out: str | Path, **options: Any) -> MergeRe
     return _merge(config, out, **options)
 
 
+def evaluate(models: list[str], config: str | Path | dict, out: str | Path, *, device: str = "auto",
+             cache_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """Evaluate models with an evaluation config; returns the report bundle directory."""
+    from unmerge.workflow import evaluate_models
+
+    return evaluate_models(models, config, out, device=device, cache_dir=cache_dir, progress=progress)
+
+
+def report(directory: str | Path, *, out: str | Path | None = None, selection: dict | None = None) -> Path:
+    """Rebuild a report bundle from the results it holds (optionally with another selection rule)."""
+    from unmerge.report.rebuild import rebuild_bundle
+
+    return rebuild_bundle(directory, out, selection)
+
+
 def verify(directory: str | Path) -> list[str]:
     """Problems found re-hashing a report bundle (empty when it is intact)."""
     from unmerge.report import verify as _verify

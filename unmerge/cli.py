@@ -172,19 +172,55 @@ def subtract(base, forget, out, method, alpha, base_fisher, forget_fisher, n_bas
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--out-shard-size", default="2GB", show_default=True)
+@click.option("--force", is_flag=True, help="use statistics recorded for a different model")
 @click.option("--allow-pickle", is_flag=True, help="allow pickle .bin checkpoints (they can run code)")
 @click.option("--overwrite", is_flag=True)
 @device_option
 @quiet_option
 @friendly
-def merge(config, out, out_shard_size, allow_pickle, overwrite, device, quiet):
+def merge(config, out, out_shard_size, force, allow_pickle, overwrite, device, quiet):
     """Merge models described by a mergekit-shaped CONFIG (YAML) into OUT."""
     from unmerge import api
 
     _logging(quiet)
     result = api.merge(config, out, device=device, overwrite=overwrite, out_shard_size=out_shard_size,
-                       allow_pickle=allow_pickle, progress=not quiet)
+                       allow_pickle=allow_pickle, force=force, progress=not quiet)
     click.echo(f"wrote {out} ({result.method}, {result.seconds:.2f}s)")
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False),
+              help="YAML with an `evaluate:` section (protocols), optional seed, data {forget, retain}, select, report")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="report bundle directory")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="result cache (default $UNMERGE_CACHE)")
+@device_option
+@quiet_option
+@friendly
+def evaluate(models, config, out, cache_dir, device, quiet):
+    """Evaluate MODELS (local directories, builtin: names or hub ids) and write a report bundle; results are cached
+    by (model, protocol), so a re-run computes only what is new."""
+    from unmerge import api
+
+    _logging(quiet)
+    bundle = api.evaluate(list(models), config, out, device=device, cache_dir=cache_dir, progress=not quiet)
+    click.echo(f"report: {bundle}")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, exists=True))
+@click.option("--out", type=click.Path(file_okay=False), help="write the rebuilt bundle here (default: in place)")
+@click.option("--select", "select_rule", help='another selection rule, e.g. "minimize toxicity.mean subject to '
+              'perplexity <= 1.1 * base" given as YAML: "{minimize: toxicity.mean, subject_to: ...}"')
+@friendly
+def report(directory, out, select_rule):
+    """Rebuild a report bundle (tables, plots, Markdown, HTML, manifest) from the results it holds."""
+    import yaml
+
+    from unmerge import api
+
+    selection = yaml.safe_load(select_rule) if select_rule else None
+    click.echo(f"report: {api.report(directory, out=out, selection=selection)}")
 
 
 @main.command()

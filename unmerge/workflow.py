@@ -20,12 +20,15 @@ import torch
 from unmerge import __version__
 from unmerge.cache import StageCache, default_cache_dir, stage_key
 from unmerge.checkpoint import Checkpoint, sha256_file, write_json_atomic
+from unmerge.checkpoint.writer import check_output_location
 from unmerge.engine import checkpoint_hash, merge_checkpoints, resolve_device
 from unmerge.errors import RecipeError, did_you_mean
 from unmerge.methods import get_method
+from unmerge.methods.params import ParamPlan
 from unmerge.methods.removal import REMOVAL_METHODS
 from unmerge.models import load_causal_lm, resolve_model
 from unmerge.recipe import load_recipe, resolve_recipe
+from unmerge.report.selection import parse_rule
 from unmerge.sources import load_items, load_texts
 from unmerge.stats import Statistic
 from unmerge.stats.compute import estimate_fisher
@@ -55,7 +58,11 @@ class Candidate:
     method: str = ""
     alpha: float | None = None
     key: str = ""
-    merge_totals: dict[str, float] = field(default_factory=dict)
+    source: str | None = None  # a model reference resolved when first needed (base, oracle, evaluated models)
+
+    @property
+    def reference(self) -> bool:
+        return not self.method
 
 
 @dataclass
@@ -106,11 +113,21 @@ class UnlearningRun:
             method.canonical_params(removal["params"].get(name, {}))
         for alpha in self._alphas_all():
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-                raise RecipeError(f"removal alpha {alpha!r} must be a positive number")
+                raise RecipeError(f"removal alpha {alpha!r} must be a positive number",
+                                  "write removal.alpha as a list of numbers, e.g. [0.5, 1.0]")
+        for name in removal["methods"]:  # every parameter value, as the merge will check it, before any stage runs
+            for alpha in self.alphas(name):
+                ParamPlan.build(get_method(name), {**removal["params"].get(name, {}), "alpha": alpha}, [{}])
+        if self.selection_rule():
+            parse_rule(self.selection_rule())  # a selection rule is data: one that tries to run code is refused now
         for side in ("base", "forget"):
             est = self.recipe["fisher"][side]["estimator"]
             if est not in ("sampled", "empirical"):
                 raise RecipeError(f"fisher.{side}.estimator is '{est}'", did_you_mean(est, ["sampled", "empirical"]))
+
+    def selection_rule(self) -> dict[str, Any] | None:
+        select = self.recipe["select"]
+        return select if (select.get("minimize") or select.get("maximize")) else None
 
     def _alphas_all(self) -> list[float]:
         removal = self.recipe["removal"]
@@ -160,9 +177,11 @@ class UnlearningRun:
             PlanStep("fisher:forget", f"Fisher of the forget model on {r['fisher']['forget']['data']}", ff_dir,
                      lambda: self._fisher(ft_dir, "forget", ff_dir)),
         ]
-        self.candidates = [Candidate("base", Path(), key=base_id), Candidate("forget", ft_dir, key=ft_key)]
+        self.candidates = [Candidate("base", Path(), key=base_id, source=r["base_model"]),
+                           Candidate("forget", ft_dir, key=ft_key)]
         if r["oracle_model"]:
-            self.candidates.append(Candidate("oracle", Path(), key=source_key(r["oracle_model"])))
+            self.candidates.append(Candidate("oracle", Path(), key=source_key(r["oracle_model"]),
+                                             source=r["oracle_model"]))
         for method in r["removal"]["methods"]:
             name = get_method(method).name
             for alpha in self.alphas(method):
@@ -173,12 +192,15 @@ class UnlearningRun:
                 self.candidates.append(cand)
                 steps.append(PlanStep("merge", f"{name} α={alpha:g}", cand.path,
                                       lambda c=cand, p=params, n=name: self._merge(c, n, p, ft_dir, fb_dir, ff_dir)))
-        eval_cfg = {"evaluate": r["evaluate"], "data": {k: self.data_key(k) for k in ("forget", "retain")},
-                    "seed": seed}
-        for cand in self.candidates:
-            out = self.cache.path("eval", stage_key("eval", {"model": cand.key, **eval_cfg}), ".json")
-            steps.append(PlanStep("evaluate", f"evaluate {cand.name}", out, lambda c=cand, o=out: self._evaluate(c, o)))
-        return steps
+        return steps + [self.eval_step(cand) for cand in self.candidates]
+
+    def eval_step(self, cand: Candidate) -> PlanStep:
+        """Evaluation of one model, cached by (model key, protocols, data, seed)."""
+        r = self.recipe
+        spec = {"model": cand.key, "evaluate": r["evaluate"], "seed": r["seed"],
+                "data": {k: self.data_key(k) for k in ("forget", "retain") if r["data"].get(k)}}
+        out = self.cache.path("eval", stage_key("eval", spec), ".json")
+        return PlanStep("evaluate", f"evaluate {cand.name}", out, lambda: self._evaluate(cand, out))
 
     # -- stage bodies ----------------------------------------------------------------------------------------
     def base_dir(self) -> Path:
@@ -204,11 +226,7 @@ class UnlearningRun:
                           description={"candidate": cand.name})
 
     def _model_dir(self, cand: Candidate) -> Path:
-        if cand.name == "base":
-            return self.base_dir()
-        if cand.name == "oracle":
-            return resolve_model(self.recipe["oracle_model"])
-        return cand.path
+        return resolve_model(cand.source) if cand.source else cand.path
 
     def evaluation_data(self) -> dict[str, Any]:
         ev = self.recipe["evaluate"]
@@ -245,10 +263,26 @@ class UnlearningRun:
         write_json_atomic(out, {"candidate": cand.name, "rows": rows, "records": records})
 
     # -- execution -------------------------------------------------------------------------------------------
+    def _preflight(self) -> None:
+        """Before any stage runs: the models resolve (a hub id offline fails now), every dataset loads (not empty,
+        with its text column) and the report directory may be written. The data fingerprints enter ``inputs`` here,
+        in a fixed order, so the report is the same whether stages ran or came from the cache."""
+        r = self.recipe
+        models = [self.base_dir()] + ([resolve_model(r["oracle_model"])] if r["oracle_model"] else [])
+        for ref in ("forget", "retain", r["fisher"]["base"]["data"], r["fisher"]["forget"]["data"]):
+            self.texts(ref)
+        self.evaluation_data()
+        check_output_location(self.out, models, overwrite=self.overwrite)
+
     def execute(self) -> Path:
         """Run every stage that is not cached, then write the report bundle; returns the bundle directory."""
         torch.manual_seed(self.recipe["seed"])
+        self._preflight()
         steps = self.plan()
+        self.execute_steps(steps)
+        return self.write_report(steps)
+
+    def execute_steps(self, steps: list[PlanStep]) -> None:
         for step in steps:
             with self.cache.lock(step.output):
                 if step.cached:
@@ -259,12 +293,8 @@ class UnlearningRun:
                 start = time.perf_counter()
                 step.run()
                 self.timings[step.stage] = self.timings.get(step.stage, 0.0) + time.perf_counter() - start
-        start = time.perf_counter()
-        bundle = self._write_report(steps)
-        self.timings["report"] = time.perf_counter() - start
-        return bundle
 
-    def _write_report(self, steps: list[PlanStep]) -> Path:
+    def write_report(self, steps: list[PlanStep], base_candidate: str = "base") -> Path:
         from unmerge.report import write_bundle
 
         evals = {json.loads(s.output.read_text())["candidate"]: json.loads(s.output.read_text())
@@ -279,7 +309,7 @@ class UnlearningRun:
                 info = json.loads((cand.path / "merge_info.json").read_text())
                 guard[cand.name] = {"method": cand.method, "alpha": cand.alpha, **info["totals"]}
         for cand in self.candidates:
-            if cand.name in ("base", "forget", "oracle"):
+            if cand.reference:
                 self.inputs[f"model:{cand.name}"] = checkpoint_hash(Checkpoint(self._model_dir(cand)))
         for step in steps:
             if step.stage.startswith("fisher"):
@@ -292,12 +322,12 @@ class UnlearningRun:
             "metrics": rows,
             "records": records,
             "guard": guard,
-            "selection": r["select"],
+            "selection": self.selection_rule(),
             "timings": {k: round(v, 2) for k, v in self.timings.items()},
             "inputs": self.inputs,
             "seeds": {"recipe": r["seed"], "toxicity": r["evaluate"].get("toxicity", {}).get("seed")},
             "caveats": self.caveats(),
-            "base_candidate": "base",
+            "base_candidate": base_candidate,
             "protocol": {"evaluate": r["evaluate"], "fisher": r["fisher"], "finetune": r["finetune"],
                          "removal": r["removal"]},
             "tradeoff": {"x": r["report"]["tradeoff_x"], "y": r["report"]["tradeoff_y"]},
@@ -348,3 +378,42 @@ def describe_plan(recipe: str | Path | dict, *, out: str | Path | None = None, s
     for step in steps:
         lines.append(f"  [{'cached' if step.cached else 'to run'}] {step.stage:13s} {step.what}")
     return "\n".join(lines)
+
+
+EVALUATE_CONFIG_KEYS = ("seed", "data", "evaluate", "select", "report")
+
+
+def evaluate_models(models: list[str], config: str | Path | dict, out: str | Path, *, device: str = "auto",
+                    cache_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """Evaluate any models with the protocols of an evaluation config (the recipe's ``evaluate`` section, plus
+    optional ``seed``, ``data: {forget, retain}`` for forget quality, ``select`` and ``report``); results are cached
+    by (model, protocol), so a re-run computes only what is new. Writes a report bundle to ``out``."""
+    import yaml
+
+    if isinstance(config, dict):
+        given = dict(config)
+    else:
+        path = Path(config)
+        if not path.exists():
+            raise RecipeError(f"evaluation config '{path}' does not exist")
+        try:
+            given = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"evaluation config '{path}' is not valid YAML: {exc}") from None
+    for key in given:
+        if key not in EVALUATE_CONFIG_KEYS:
+            raise RecipeError(f"unknown evaluation config key '{key}'", did_you_mean(key, EVALUATE_CONFIG_KEYS))
+    data = {"forget": None, "retain": None, **(given.get("data") or {})}
+    recipe = {"name": "evaluate", "base_model": models[0], **given, "data": data,
+              "select": given.get("select") or {"minimize": None, "subject_to": None}}
+    run = UnlearningRun(recipe, out=out, device=device, cache_dir=cache_dir, progress=progress)
+    names: list[str] = []
+    for spec in models:
+        name = Path(spec).name or str(spec)
+        while name in names:
+            name += "'"
+        names.append(name)
+    run.candidates = [Candidate(name, Path(), key=source_key(spec), source=spec) for name, spec in zip(names, models)]
+    steps = [run.eval_step(cand) for cand in run.candidates]
+    run.execute_steps(steps)
+    return run.write_report(steps, base_candidate=names[0])

@@ -1,0 +1,52 @@
+"""``unmerge report DIR``: rebuild a bundle (tables, plots, Markdown, HTML, manifest) from the results it holds —
+``metrics.csv``, ``samples.jsonl``, ``guard.csv`` and the manifest's recipe, protocol, inputs and timings — without
+recomputing anything; optionally with another selection rule."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from unmerge.errors import InputError
+from unmerge.report.bundle import write_bundle
+from unmerge.report.verify import verify
+
+
+def rebuild_bundle(source: str | Path, out: str | Path | None = None, selection: dict[str, Any] | None = None) -> Path:
+    """Re-render the bundle in ``source`` into ``out`` (default: in place). The source must verify first."""
+    source = Path(source)
+    problems = verify(source)
+    if problems:
+        raise InputError(f"bundle '{source}' does not verify: {problems[0]}",
+                         "rebuild only intact bundles (unmerge verify DIR lists every problem)")
+    manifest = json.loads((source / "manifest.json").read_text())
+    metrics = pd.read_csv(source / "metrics.csv")
+    metrics = metrics.astype(object).where(metrics.notna(), None)
+    records = [json.loads(line) for line in (source / "samples.jsonl").read_text().splitlines() if line.strip()]
+    guard = None
+    if (source / "guard.csv").exists():
+        guard = pd.read_csv(source / "guard.csv").to_dict("records")
+    recipe = manifest.get("recipe", {})
+    resolved = recipe.get("resolved") or {}
+    run = {
+        "title": manifest.get("title"),
+        "recipe": recipe.get("given", {}),
+        "resolved": resolved,
+        "metrics": metrics.to_dict("records"),
+        "records": records,
+        "guard": guard,
+        "selection": selection or (manifest.get("selection") or {}).get("rule"),
+        "timings": manifest.get("timings", {}),
+        "inputs": manifest.get("inputs", {}),
+        "seeds": manifest.get("seeds", {}),
+        "caveats": manifest.get("caveats", []),
+        "base_candidate": manifest.get("base_candidate", "base"),
+        "protocol": manifest.get("protocol", {}),
+        "tradeoff": {"x": (resolved.get("report") or {}).get("tradeoff_x", "perplexity"),
+                     "y": (resolved.get("report") or {}).get("tradeoff_y", "toxicity.mean")},
+    }
+    if not run["guard"]:
+        run.pop("guard")
+    return write_bundle(out or source, run, overwrite=True)
