@@ -41,7 +41,7 @@ SCHEMA: dict[str, Any] = {
     },
     "select": {"minimize": "toxicity.mean", "maximize": None, "subject_to": "perplexity <= 1.05 * base"},
     "report": {"dir": None, "title": None, "tradeoff_y": "toxicity.mean", "tradeoff_x": "perplexity",
-               "caveats": []},
+               "caveats": [], "compress_samples": False},
 }
 FREE_FORM = {("removal", "params"), ("removal", "alphas")}
 OPTIONAL_SECTIONS = {("evaluate", "toxicity"), ("evaluate", "perplexity"), ("evaluate", "accuracy"),

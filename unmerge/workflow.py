@@ -331,6 +331,7 @@ class UnlearningRun:
             "protocol": {"evaluate": r["evaluate"], "fisher": r["fisher"], "finetune": r["finetune"],
                          "removal": r["removal"]},
             "tradeoff": {"x": r["report"]["tradeoff_x"], "y": r["report"]["tradeoff_y"]},
+            "compress_samples": r["report"]["compress_samples"],
         }
         return write_bundle(self.out, run, overwrite=self.overwrite)
 

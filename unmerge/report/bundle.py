@@ -5,7 +5,8 @@ contract) and writes::
 
     manifest.json   recipe (given + resolved), versions, hardware, seeds, timings, selection, inputs' and outputs' sha256
     metrics.csv     candidate, method, alpha, metric, value, ci_low, ci_high
-    samples.jsonl   per-generation / per-example records, one JSON object a line
+    samples.jsonl   per-generation / per-example records, one JSON object a line (samples.jsonl.gz when the run
+                    sets compress_samples, e.g. for bundles committed to a repository)
     metric_details.jsonl  every metrics row as given, extra keys included (only when rows carry keys beyond
                     the tidy columns: n, seed, protocol parameters, ...)
     guard.csv       per-candidate guard statistics (only when guard data is given)
@@ -16,12 +17,15 @@ contract) and writes::
     report.html     the same report, self-contained (inline CSS, PNGs embedded, all text escaped)
 
 ``manifest.json`` lists the sha256 of every other file under ``outputs``; :func:`unmerge.report.verify` checks them.
+Clock time and timings (stage seconds, per-metric ``seconds``) are written to manifest.json only, so the other files
+are byte-identical whenever the results are.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
 import importlib.util
+import gzip
 import json
 import logging
 import math
@@ -50,6 +54,7 @@ BUNDLE_FORMAT = "unmerge-report/1"
 _RUN_KEYS = {
     "recipe", "resolved", "metrics", "records", "guard", "selection", "timings", "inputs", "seeds", "caveats",
     "title", "base_candidate", "protocol", "eligible", "plots", "tradeoff", "samples_per_candidate", "hardware",
+    "compress_samples",
 }
 _LIBRARIES = [  # (name in the manifest, distribution name)
     ("torch", "torch"), ("transformers", "transformers"), ("datasets", "datasets"), ("evaluate", "evaluate"),
@@ -341,7 +346,9 @@ def _build_document(ctx: dict[str, Any]) -> Document:
     selection: Selection | None = ctx["selection"]
     base = ctx["base_candidate"]
     metrics = list(wide.columns)
-    doc = Document(ctx["title"], f"unmerge report · written {ctx['created_utc']} · bundle format {BUNDLE_FORMAT}")
+    # no clock time and no timings in the report: the same results give byte-identical files (both are in
+    # manifest.json, which is the one file that describes the run rather than its results)
+    doc = Document(ctx["title"], f"unmerge report · bundle format {BUNDLE_FORMAT}")
 
     # summary
     sec = doc.section("Summary")
@@ -490,7 +497,7 @@ def _build_document(ctx: dict[str, Any]) -> Document:
     sec.table(["library", "version"], [[k, v or "not installed"] for k, v in ctx["versions"].items()])
     sec.table(["hardware", "value"], [[k, v] for k, v in _flatten(ctx["hardware"])])
     if ctx["timings"]:
-        sec.table(["stage", "seconds"], [[k, _f(v)] for k, v in ctx["timings"].items()])
+        sec.p("Wall-clock timings and the time the bundle was written are in manifest.json.")
 
     # caveats
     sec = doc.section("Caveats")
@@ -499,6 +506,20 @@ def _build_document(ctx: dict[str, Any]) -> Document:
     else:
         sec.p("None recorded.")
     return doc
+
+
+_TIMING_KEYS = ("seconds",)  # per-row timings: kept in manifest.json (metric_timings), not in metric_details.jsonl
+
+
+def _metric_timings(rows: list[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{candidate: {protocol (or metric): seconds}} from rows that carry a timing."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        for key in _TIMING_KEYS:
+            if key in r and not _is_missing(r[key]):
+                what = str(r.get("protocol") or r.get("metric"))
+                out.setdefault(str(r.get("candidate")), {})[what] = _clean(r[key])
+    return out
 
 
 def _pick_samples(records: list[dict], order: list[str], per_candidate: int) -> list[dict]:
@@ -597,14 +618,17 @@ def write_bundle(out_dir: str | Path, run: Mapping[str, Any], overwrite: bool = 
     with atomic_output_dir(out_dir, inputs=[Path(p) for p in input_paths], overwrite=overwrite) as tmp:
         # data files
         long.to_csv(tmp / "metrics.csv", index=False, columns=METRIC_COLUMNS, lineterminator="\n")
-        with open(tmp / "samples.jsonl", "w", encoding="utf-8") as handle:
-            for r in records:
-                handle.write(json.dumps(_clean(r), ensure_ascii=False, allow_nan=False) + "\n")
+        lines = "".join(json.dumps(_clean(r), ensure_ascii=False, allow_nan=False) + "\n" for r in records)
+        if run.get("compress_samples"):  # gzip without a timestamp, so the bytes repeat run to run
+            (tmp / "samples.jsonl.gz").write_bytes(gzip.compress(lines.encode("utf-8"), mtime=0))
+        else:
+            (tmp / "samples.jsonl").write_text(lines, encoding="utf-8")
         if guard is not None:
             guard.to_csv(tmp / "guard.csv", index=False, lineterminator="\n")
         details = _metric_rows(run["metrics"])
+        details = [{k: v for k, v in r.items() if k not in _TIMING_KEYS} for r in details]
         if any(set(map(str, r)) - set(METRIC_COLUMNS) for r in details):
-            # per-metric facts beyond the tidy columns (n, seed, scorer, protocol parameters, seconds)
+            # per-metric facts beyond the tidy columns (n, seed, scorer, protocol parameters; not the seconds)
             with open(tmp / "metric_details.jsonl", "w", encoding="utf-8") as handle:
                 for r in details:
                     handle.write(json.dumps(_clean(r), ensure_ascii=False, allow_nan=False) + "\n")
@@ -633,6 +657,7 @@ def write_bundle(out_dir: str | Path, run: Mapping[str, Any], overwrite: bool = 
             "protocol": protocol,
             "seeds": ctx["seeds"],
             "timings": _clean(ctx["timings"]),
+            "metric_timings": _metric_timings(_metric_rows(run["metrics"])),
             "versions": ctx["versions"],
             "hardware": hardware,
             "caveats": caveats,

@@ -3,6 +3,7 @@
 recomputing anything; optionally with another selection rule."""
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,10 @@ def rebuild_bundle(source: str | Path, out: str | Path | None = None, selection:
     manifest = json.loads((source / "manifest.json").read_text())
     metrics = pd.read_csv(source / "metrics.csv")
     metrics = metrics.astype(object).where(metrics.notna(), None)
-    records = [json.loads(line) for line in (source / "samples.jsonl").read_text().splitlines() if line.strip()]
+    compressed = (source / "samples.jsonl.gz").exists()
+    text = (gzip.decompress((source / "samples.jsonl.gz").read_bytes()).decode("utf-8") if compressed
+            else (source / "samples.jsonl").read_text(encoding="utf-8"))
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
     guard = None
     if (source / "guard.csv").exists():
         guard = pd.read_csv(source / "guard.csv").to_dict("records")
@@ -43,6 +47,7 @@ def rebuild_bundle(source: str | Path, out: str | Path | None = None, selection:
         "seeds": manifest.get("seeds", {}),
         "caveats": manifest.get("caveats", []),
         "base_candidate": manifest.get("base_candidate", "base"),
+        "compress_samples": compressed,
         "protocol": manifest.get("protocol", {}),
         "tradeoff": {"x": (resolved.get("report") or {}).get("tradeoff_x", "perplexity"),
                      "y": (resolved.get("report") or {}).get("tradeoff_y", "toxicity.mean")},
