@@ -28,7 +28,7 @@ def removal_inputs(tiny_gpt2_dirs, tmp_path):
     return base_dir, forget_dir, stats
 
 
-def direct(method, b, f, f0, ff, alpha, m_max=5.0, rho=0.0):
+def direct(method, b, f, f0, ff, alpha, m_max=5.0, rho=0.1):  # the registered defaults
     """The formulas of methods.md, written out independently of the library."""
     h0 = N0 * f0.double() + 1e-12
     hf = NF * ff.double()
@@ -49,8 +49,9 @@ def direct(method, b, f, f0, ff, alpha, m_max=5.0, rho=0.0):
 @pytest.mark.parametrize("method,alpha,extra", [
     ("negation", 0.7, {}),
     ("fisher_negation", 1.5, {}),
-    ("uncertainty_removal", 0.5, {"m_max": 5.0}),
-    ("uncertainty_removal", 2.0, {"m_max": 3.0}),
+    ("uncertainty_removal", 0.5, {}),
+    ("uncertainty_removal", 0.5, {"m_max": 5.0, "rho": 0.0}),
+    ("uncertainty_removal", 2.0, {"m_max": 3.0, "rho": 0.0}),
     ("uncertainty_removal", 1.0, {"m_max": 5.0, "rho": 0.5}),
 ])
 def test_subtract_matches_formula(removal_inputs, tmp_path, method, alpha, extra):
@@ -78,7 +79,7 @@ def test_guards_off_with_nonpositive_denominator_is_an_error_naming_the_tensor(r
     base_dir, forget_dir, stats = removal_inputs
     with pytest.raises(MethodError, match=r"H₀ − αH_f ≤ 0 at \d+ entries of '"):
         api.subtract(str(base_dir), str(forget_dir), tmp_path / "out", method="uncertainty_removal",
-                     params={"alpha": 100.0, "m_max": 0}, base_fisher=stats["base_fisher"],
+                     params={"alpha": 100.0, "m_max": 0, "rho": 0}, base_fisher=stats["base_fisher"],
                      forget_fisher=stats["forget_fisher"], progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -106,7 +106,8 @@ register(Method(
         ALPHA, N_BASE, N_FORGET, DAMPING,
         Param("m_max", 5.0, float, "guard: clamp of the multiplier m (0 or inf = off: a non-positive H₀ − αH_f is "
               "then an error)", minimum=0.0),
-        Param("rho", 0.0, float, "guard: floor H₀ at ρ·mean(H₀) per tensor (0 = off)", minimum=0.0),
+        Param("rho", 0.1, float, "guard: floor H₀ at ρ·mean(H₀) per tensor (0 = off; default chosen by "
+              "measurement, see README)", minimum=0.0),
     ),
     stats=("fisher", "base_fisher"),
     max_models=1,
