@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,11 +32,25 @@ class StageCache:
 
     @contextlib.contextmanager
     def lock(self, target: Path) -> Iterator[None]:
-        """Exclusive lock for producing ``target`` (blocks while another process produces it)."""
+        """Exclusive lock for producing ``target`` (blocks while another process produces it). The kernel releases
+        it when its holder dies, even by SIGKILL; the holder's half-written sibling then is removed here."""
         lock_file = target.with_name(f".{target.name}.lock")
         with open(lock_file, "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
+                if not target.exists():
+                    self._remove_leftovers(target)
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _remove_leftovers(target: Path) -> None:
+        """Partial outputs of ``target`` left by a killed run (``.NAME.partial-PID``, ``.NAME.tmp-PID``). Only called
+        under the target's lock: no live process is writing them."""
+        for pattern in (f".{target.name}.partial-*", f".{target.name}.tmp-*"):
+            for path in target.parent.glob(pattern):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)

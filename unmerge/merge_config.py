@@ -85,7 +85,8 @@ def load_config(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Pa
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise RecipeError(f"merge config '{path}' is not valid YAML: {exc}") from None
+        raise RecipeError(f"merge config '{path}' is not valid YAML (tags that construct objects are refused): {exc}",
+                          "configs are plain data: mappings, lists, strings and numbers") from None
     return data, path.parent
 
 
@@ -198,8 +199,9 @@ def _check_stats(method: Method, models: list[ModelSpec], base_stats: dict[str, 
 
 def merge(config: str | Path | dict[str, Any] | MergeConfig, out_dir: str | Path, device: str = "auto",
           overwrite: bool = False, out_shard_size: str | int = "2GB", allow_pickle: bool = False,
-          progress: bool = True) -> MergeResult:
-    """Run a mergekit-shaped config (a YAML path, a dict or a parsed ``MergeConfig``) into ``out_dir``."""
+          progress: bool = True, force: bool = False) -> MergeResult:
+    """Run a mergekit-shaped config (a YAML path, a dict or a parsed ``MergeConfig``) into ``out_dir``. ``force``
+    accepts statistics whose recorded model hash is not their model's."""
     cfg = config if isinstance(config, MergeConfig) else parse_config(*load_config(config))
     base = Checkpoint(cfg.base_model, allow_pickle=allow_pickle) if cfg.base_model else None
     models = [Checkpoint(m.path, allow_pickle=allow_pickle) for m in cfg.models]
@@ -211,5 +213,5 @@ def merge(config: str | Path | dict[str, Any] | MergeConfig, out_dir: str | Path
         cfg.method, base, models, out_dir,
         params=cfg.params, model_params=[m.params for m in cfg.models], stats=stats, device=device, dtype=cfg.dtype,
         overwrite=overwrite, max_shard_bytes=parse_size(out_shard_size), tokenizer_source=tokenizer,
-        progress=progress, description={"merge_config": cfg.raw},
+        progress=progress, force=force, description={"merge_config": cfg.raw},
     )

@@ -46,6 +46,25 @@ def resolve_model_path(spec: str | Path, allow_pickle: bool = False) -> Path:
         raise InputError(f"could not fetch '{spec}' from the hub: {exc}", "check the id and your connection") from exc
 
 
+def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    """A pickle state dict, unpickled with ``weights_only=True`` (tensors and plain containers only: no code runs)."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for objects other than tensors, RuntimeError/EOFError if truncated
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        why = next((line for line in lines if "global" in line.lower()), lines[0] if lines else "")
+        if "weights only load failed" in str(exc).lower():
+            why = f"it holds objects other than tensors: {why}"
+        raise CheckpointError(
+            f"'{file}' cannot be loaded safely ({why})",
+            "only plain tensor state dicts are loaded (weights_only=True); objects that run code are refused: "
+            "convert the checkpoint to safetensors from a trusted environment",
+        ) from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"'{file}' is not a state dict of tensors", "save model.state_dict() or use safetensors")
+    return state
+
+
 class Checkpoint:
     """A model or statistic on disk; tensors are read one at a time through ``safe_open`` (memory-mapped).
 
@@ -97,11 +116,14 @@ class Checkpoint:
         state: dict[str, torch.Tensor] = {}
         for file in files:
             if file.suffix == ".json":
-                shards = set(json.loads(file.read_text())["weight_map"].values())
+                try:
+                    shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
+                except (ValueError, KeyError, AttributeError) as exc:
+                    raise CheckpointError(f"{file} is not a valid shard index: {exc}") from exc
                 for shard in shards:
-                    state.update(torch.load(file.parent / shard, map_location="cpu", weights_only=True))
+                    state.update(_load_pickle(file.parent / shard))
             else:
-                state.update(torch.load(file, map_location="cpu", weights_only=True))
+                state.update(_load_pickle(file))
         self._pickle_state = state
         return {name: files[0] for name in state}
 
@@ -129,6 +151,10 @@ class Checkpoint:
 
     def __len__(self) -> int:
         return len(self._name_to_file)
+
+    def file_of(self, name: str) -> Path:
+        """The file that stores tensor ``name``."""
+        return self._name_to_file[name]
 
     def files(self) -> list[Path]:
         return sorted(set(self._name_to_file.values()))

@@ -39,22 +39,27 @@ class Param:
             return value
         if self.kind is bool:
             if not isinstance(value, bool):
-                raise MethodError(f"{where} must be true or false, got {value!r}")
+                raise MethodError(f"{where} must be true or false, got {value!r}", "write true or false")
             return value
         if self.kind in (int, float):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 try:
                     value = float(value)
                 except (TypeError, ValueError):
-                    raise MethodError(f"{where} must be a number, got {value!r}") from None
+                    raise MethodError(f"{where} must be a number, got {value!r}", self._range_hint()) from None
             value = self.kind(value)
             if isinstance(value, float) and not math.isfinite(value):
-                raise MethodError(f"{where} must be finite, got {value!r}")
+                raise MethodError(f"{where} must be finite, got {value!r}", self._range_hint())
             low_bad = self.minimum is not None and (value <= self.minimum if self.min_exclusive else value < self.minimum)
             if low_bad or (self.maximum is not None and value > self.maximum):
-                raise MethodError(f"{where} is {value}, outside {self.interval()}")
+                raise MethodError(f"{where} is {value}, outside {self.interval()}", self._range_hint())
             return value
         return self.kind(value)
+
+    def _range_hint(self) -> str:
+        kind = "an integer" if self.kind is int else "a number"
+        return f"give {kind} in {self.interval()} ({self.name}: {self.doc})" if self.doc else \
+            f"give {kind} in {self.interval()}"
 
     def interval(self) -> str:
         low = "(-inf" if self.minimum is None else f"{'(' if self.min_exclusive else '['}{self.minimum:g}"

@@ -11,6 +11,7 @@ from unmerge.checkpoint import Checkpoint, ShardedWriter, atomic_output_dir, wri
 from unmerge.errors import StatisticError
 
 META_FILE = "statistic.json"
+VOLATILE_META = ("seconds", "model")  # in statistic.json only: not part of the weight file's bytes
 
 
 class Statistic:
@@ -62,9 +63,15 @@ def save_statistic(tensors: dict[str, torch.Tensor], meta: dict[str, Any], out_d
                    overwrite: bool = False) -> Path:
     """Write tensors (fp32) + ``statistic.json`` atomically into ``out_dir``."""
     out_dir = Path(out_dir)
+    # the weight file's header describes the statistic but leaves out how long it took and where its model lay, so
+    # the same statistic is byte-identical wherever and whenever it is computed (statistic.json has everything).
+    # The declared layout makes the writer build the header itself, in a fixed order (safetensors' own writer
+    # orders the header metadata differently from one process to the next).
+    header = {k: v for k, v in meta.items() if k not in VOLATILE_META}
+    layout = [(name, tuple(tensor.shape), torch.float32) for name, tensor in tensors.items()]
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        writer = ShardedWriter(tmp, metadata={"unmerge": json.dumps(meta, sort_keys=True, default=str)},
-                               prefix="statistic")
+        writer = ShardedWriter(tmp, metadata={"unmerge": json.dumps(header, sort_keys=True, default=str)},
+                               prefix="statistic", layout=layout)
         for name, tensor in tensors.items():
             writer.add(name, tensor.float())
         writer.finish()
