@@ -185,7 +185,12 @@ def merge_checkpoints(
     check_compatible(reference, [m for m in models if m is not reference], names)
     float_names = _float_names(reference, names)
 
-    hashes = {str(c.path): checkpoint_hash(c) for c in ([base] if base else []) + models}
+    # The sha256 of every input goes into the model card. Statistics are checked against their model's hash before
+    # any compute; otherwise the hashing (I/O and SHA, which releases the GIL) overlaps the merge on a thread.
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unmerge-hash")
+    pending_hashes = hasher.submit(lambda: {str(c.path): checkpoint_hash(c) for c in ([base] if base else []) + models})
+    hasher.shutdown(wait=False)
+    hashes = pending_hashes.result() if stats else {}
     for kind, items in stats.items():
         owners = [base] if kind.startswith("base_") else models
         for stat, owner in zip(items, owners):
@@ -200,7 +205,7 @@ def merge_checkpoints(
     result = MergeResult(Path(out_dir), method.name, plan.as_dict())
     inputs = [c.directory for c in ([base] if base else []) + models] + [s.checkpoint.directory for v in stats.values()
                                                                        for s in v]
-    any_nonzero = {kind: False for kind in stats}
+    any_nonzero = {(kind, i): False for kind, items in stats.items() for i in range(len(items))}
     key_kind: dict[str, str] = {}  # task.stats key -> statistic kind ('kfac.A' -> 'kfac')
 
     def load(name: str) -> tuple[torch.Tensor | None, list[torch.Tensor], dict[str, list[torch.Tensor]], dict]:
@@ -211,6 +216,7 @@ def merge_checkpoints(
         model_ts = [m.get(name) for m in models]
         stat_ts, layer = {}, {}
         if name in float_names:
+            _check_finite(name, ([base] if base else []) + models, ([base_t] if base else []) + model_ts)
             for kind, items in stats.items():
                 for key, tensor in layer_stat_names(kind, name).items():
                     present = [tensor in s for s in items]
@@ -228,6 +234,29 @@ def merge_checkpoints(
                         layer = items[0].meta.get("layers", {}).get(module_of(name), {})
         return base_t, model_ts, stat_ts, layer
 
+    uploader = _Uploader(dev) if dev.type == "cuda" else None
+
+    def to_device(loaded: tuple) -> tuple:
+        """On CUDA, called on the prefetch thread: the input tensors go to the device through a small pinned staging
+        buffer on a side stream (in their stored dtype; the float32 cast runs on the device), overlapping the
+        previous tensor's math. The consumer waits for the copy (``wait_copied``). On the CPU the memory-mapped
+        tensors pass through."""
+        if uploader is None:
+            return loaded
+        base_t, model_ts, stat_ts, layer = loaded
+        moved = (None if base_t is None else uploader(base_t), [uploader(t) for t in model_ts],
+                 {k: [uploader(t) for t in v] for k, v in stat_ts.items()}, layer)
+        return (*moved, uploader.done())
+
+    def wait_copied(loaded: tuple) -> tuple:
+        if uploader is None:
+            return loaded
+        *moved, event = loaded
+        torch.cuda.current_stream(dev).wait_event(event)
+        for t in ([moved[0]] if moved[0] is not None else []) + moved[1] + [x for v in moved[2].values() for x in v]:
+            t.record_stream(torch.cuda.current_stream(dev))  # the copy stream's memory is used on this stream
+        return tuple(moved)
+
     def make_task(name: str, base_t: torch.Tensor | None, model_ts: list[torch.Tensor],
                   stat_ts: dict[str, list[torch.Tensor]], layer: dict, context: dict[str, Any]) -> TensorTask:
         return TensorTask(
@@ -244,32 +273,41 @@ def merge_checkpoints(
     if method.prepass is not None:
         context = method.prepass(lambda: (make_task(n, *load(n), {}) for n in float_names))
 
+    # every output tensor's shape and dtype are known up front: the writer streams each to its shard as it comes
+    layout = [(n, reference.meta(n)[0], dtype if dtype is not None and n in float_names else reference.meta(n)[1])
+              for n in names]
     with atomic_output_dir(out_dir, inputs=inputs, overwrite=overwrite) as tmp:
-        writer = ShardedWriter(tmp, max_shard_bytes=max_shard_bytes)
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(load, names[0]) if names else None
+        writer = ShardedWriter(tmp, max_shard_bytes=max_shard_bytes, layout=layout)
+        with ThreadPoolExecutor(max_workers=1) as pool, _WriteBehind(writer) as behind:
+            pending = pool.submit(lambda n: to_device(load(n)), names[0]) if names else None
             for i, name in enumerate(tqdm(names, desc=f"merge:{method.name}", disable=not progress, unit="tensor")):
-                base_t, model_ts, stat_ts, layer = pending.result()
-                pending = pool.submit(load, names[i + 1]) if i + 1 < len(names) else None
+                base_t, model_ts, stat_ts, layer = wait_copied(pending.result())
+                pending = pool.submit(lambda n: to_device(load(n)), names[i + 1]) if i + 1 < len(names) else None
                 if name not in float_names:
-                    writer.add(name, base_t if base_t is not None else model_ts[0])
+                    behind.add(name, base_t if base_t is not None else model_ts[0])
                     continue
                 out_dtype = dtype or (base_t if base_t is not None else model_ts[0]).dtype
                 for key, ts in stat_ts.items():
                     kind = key_kind[key]
-                    any_nonzero[kind] = any_nonzero[kind] or any(bool((t != 0).any()) for t in ts)
+                    for j, t in enumerate(ts):
+                        if not any_nonzero[(kind, j)] and bool((t != 0).any()):
+                            any_nonzero[(kind, j)] = True
                 task = make_task(name, base_t, model_ts, stat_ts, layer, context)
                 merged = method.fn(task)
-                if not torch.isfinite(merged).all():
+                record, task = task.record, None  # the inputs (device copies) go now
+                if not _all_finite(merged):
                     raise MethodError(f"method '{method.name}' produced NaN/Inf in '{name}'",
                                       "check the inputs for NaN/Inf and the method parameters")
-                writer.add(name, merged.to(out_dtype))
-                if task.record:
-                    result.per_tensor[name] = task.record
-        for kind, seen in any_nonzero.items():
+                behind.add(name, merged.to(out_dtype))
+                merged = None  # (written, or being written: at most one more small tensor is alive)
+                if record:
+                    result.per_tensor[name] = record
+        for (kind, j), seen in any_nonzero.items():
             if not seen:
-                raise StatisticError(f"every '{kind}' statistic value is zero", "re-estimate it on non-empty data")
+                raise StatisticError(f"statistic '{stats[kind][j].path}' ('{kind}') is zero everywhere",
+                                     "it was estimated on no data or is corrupt: re-estimate it on non-empty data")
         writer.finish()
+        hashes.update(pending_hashes.result())
         _copy_side_files(reference, tokenizer_source or base or models[0], tmp)
         result.totals = _totals(result.per_tensor)
         for head, emb in skips.items():
@@ -281,6 +319,100 @@ def merge_checkpoints(
         write_json_atomic(tmp / "merge_info.json", info)
         (tmp / "README.md").write_text(_model_card(info))
     return result
+
+
+class _WriteBehind:
+    """Output tensors up to ``LIMIT`` bytes are written on a thread, one at a time, while the next tensor is merged;
+    larger ones are written in place. So writing overlaps the math at the cost of one small tensor held."""
+
+    LIMIT = 64 * 1024**2
+
+    def __init__(self, writer: ShardedWriter):
+        self.writer = writer
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unmerge-write")
+        self.pending = None
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.wait()
+        if tensor.numel() * tensor.element_size() <= self.LIMIT:
+            self.pending = self.pool.submit(self.writer.add, name, tensor)
+        else:
+            self.writer.add(name, tensor)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def __enter__(self) -> "_WriteBehind":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown()
+
+
+class _Uploader:
+    """Host → device copies through two pinned staging buffers (``STAGE`` bytes each) on a side stream: pinned
+    memory stays bounded whatever the tensor sizes, and filling one buffer (reading the memory-mapped input)
+    overlaps the device copy from the other."""
+
+    STAGE = 32 * 1024**2
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.buffers = [torch.empty(self.STAGE, dtype=torch.uint8).pin_memory() for _ in range(2)]
+        self.events: list[torch.cuda.Event | None] = [None, None]
+        self.turn = 0
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.device)
+        if not tensor.numel():
+            return out
+        src = tensor.contiguous().reshape(-1).view(torch.uint8)
+        dst = out.reshape(-1).view(torch.uint8)
+        with torch.cuda.stream(self.stream):
+            for start in range(0, src.numel(), self.STAGE):
+                end = min(src.numel(), start + self.STAGE)
+                slot = self.turn
+                self.turn ^= 1
+                if self.events[slot] is not None:
+                    self.events[slot].synchronize()  # that buffer's previous copy is done
+                staging = self.buffers[slot][: end - start]
+                staging.copy_(src[start:end])
+                dst[start:end].copy_(staging, non_blocking=True)
+                self.events[slot] = torch.cuda.Event()
+                self.events[slot].record(self.stream)
+        return out
+
+    def done(self) -> "torch.cuda.Event":
+        """An event after every copy queued so far (for the consuming stream to wait on)."""
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+
+def _check_finite(name: str, ckpts: list[Checkpoint], tensors: list[torch.Tensor]) -> None:
+    """Refuse an input tensor with NaN/Inf, naming the file and the tensor (a method could hide or spread it)."""
+    for ckpt, tensor in zip(ckpts, tensors):
+        if not _all_finite(tensor):
+            raise CheckpointError(f"tensor '{name}' in '{ckpt.file_of(name)}' has NaN or Inf values",
+                                  "the checkpoint is corrupt or its training diverged: use another checkpoint")
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN/Inf: a finite sum proves it in one read without a mask; only an overflowing sum is checked in full."""
+    if not tensor.is_floating_point() or not tensor.numel():
+        return True
+    from unmerge.methods.kernels import map_chunks
+
+    flat = tensor.reshape(-1)  # chunked sums (a sum in another dtype would first copy the whole tensor)
+    if all(map_chunks(lambda s, e: bool(torch.isfinite(flat[s:e].sum())), flat.numel(), flat)):
+        return True
+    return all(map_chunks(lambda s, e: bool(torch.isfinite(flat[s:e]).all()), flat.numel(), flat))
 
 
 def _fill_counts_from_stats(plan: ParamPlan, stats: dict[str, list[Statistic]]) -> None:

@@ -1,11 +1,18 @@
 """``unmerge bench merge``: synthetic Llama-shaped fp32 checkpoints of a given size, merged by unmerge's streaming
-engine, compared in the same run with the I/O floor (read every input tensor once, write one output) and, when
-installed, with ``mergekit-yaml`` on the same job."""
+engine, compared in the same run with the I/O floor (read every byte of every input once, write one output) and,
+when available, with ``mergekit-yaml`` on the same job.
+
+Every job runs in its own child process (imports included), monitored for wall time, peak RSS and peak anonymous
+memory (``RssAnon``: memory-mapped input pages are reclaimable page cache and count in RSS only; see
+``unmerge.bench.monitor``). The 1-minute load average when each job starts is printed too: on a shared machine it
+explains most of the run-to-run spread, and each job's CPU time (user + system, all threads) is printed beside its
+wall time as the load-independent cost.
+"""
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import textwrap
 from pathlib import Path
 
 import torch
@@ -41,25 +48,36 @@ def llama_tensors(config: dict) -> list[tuple[str, tuple[int, ...]]]:
 def write_synthetic(directory: Path, config: dict, seed: int, base: Path | None = None) -> None:
     """A checkpoint: random base, or base + small seeded noise (a stand-in fine-tune), sharded at 500 MB."""
     directory.mkdir(parents=True, exist_ok=True)
-    writer = ShardedWriter(directory, max_shard_bytes=500 * 1024**2)
+    specs = llama_tensors(config)
+    writer = ShardedWriter(directory, max_shard_bytes=500 * 1024**2,
+                           layout=[(name, shape, torch.float32) for name, shape in specs])
     gen = torch.Generator().manual_seed(seed)
     base_ckpt = Checkpoint(base) if base else None
-    for name, shape in llama_tensors(config):
+    for name, shape in specs:
         tensor = torch.randn(shape, generator=gen) * 0.02
         writer.add(name, base_ckpt.get(name) + 0.1 * tensor if base_ckpt else tensor)
     writer.finish()
     write_json_atomic(directory / "config.json", config)
 
 
+# Read every byte of every input once (a copy into a reused buffer, as a read() would) and write the first input
+# as the output, with the same streaming writer the merge uses.
 FLOOR_CODE = """
 import sys
 from pathlib import Path
+import torch
 from unmerge.checkpoint import Checkpoint, ShardedWriter
 inputs = [Checkpoint(p) for p in sys.argv[1].split(",")]
 out = Path(sys.argv[2]); out.mkdir(parents=True, exist_ok=True)
-writer = ShardedWriter(out)
-for name in inputs[0].names():
+names = inputs[0].names()
+writer = ShardedWriter(out, layout=[(n, *inputs[0].meta(n)) for n in names])
+buffer = torch.empty(0)
+for name in names:
     tensors = [c.get(name) for c in inputs]
+    for t in tensors[1:]:
+        if buffer.numel() < t.numel() * t.element_size():
+            buffer = torch.empty(t.numel() * t.element_size(), dtype=torch.uint8)
+        buffer[: t.numel() * t.element_size()].copy_(t.reshape(-1).view(torch.uint8))
     writer.add(name, tensors[0])
 writer.finish()
 """
@@ -67,53 +85,114 @@ writer.finish()
 OURS_CODE = """
 import sys, json
 from unmerge.merge_config import merge
-merge(json.loads(sys.argv[1]), sys.argv[2], device="cpu", progress=False)
+merge(json.loads(sys.argv[1]), sys.argv[2], device=sys.argv[3], progress=False)
 """
 
 
-def mergekit_command() -> str | None:
+def mergekit_command(explicit: str | None = None) -> str | None:
+    """``explicit`` (a path, or a name on PATH) if given, else ``mergekit-yaml`` on PATH; None when not found."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        return str(path) if path.is_file() and os.access(path, os.X_OK) else shutil.which(explicit)
     return shutil.which("mergekit-yaml")
 
 
+def job_config(method: str, base: Path, models: list[Path], ours: bool) -> dict:
+    """The same job for both tools: weights 0.5, density 0.5 (TIES), no normalisation of task arithmetic. Our TIES
+    runs with ``compat: mergekit`` so that both compute the same thing (mergekit takes no ``compat``)."""
+    params = {"weight": 0.5} if method == "task_arithmetic" else {"weight": 0.5, "density": 0.5}
+    cfg = {"merge_method": method, "base_model": str(base), "dtype": "float32",
+           "models": [{"model": str(m), "parameters": dict(params)} for m in models],
+           "parameters": {"normalize": False} if method == "task_arithmetic" else {}}
+    if ours and method == "ties":
+        cfg["parameters"]["compat"] = "mergekit"
+    return cfg
+
+
+def max_abs_difference(first: Path, second: Path) -> float | None:
+    """max |a − b| over every tensor of two checkpoints with the same tensors (None if they differ in names)."""
+    a, b = Checkpoint(first), Checkpoint(second)
+    if sorted(a.names()) != sorted(b.names()):
+        return None
+    worst = 0.0
+    for name in a.names():
+        x, y = a.get(name), b.get(name)
+        if x.shape != y.shape:
+            return None
+        if x.numel():
+            worst = max(worst, float((x.double() - y.double()).abs().max()))
+    return worst
+
+
+def _settle() -> float:
+    """Before each job: flush dirty pages (so that no job pays for the previous one's writeback) and return the
+    1-minute load average."""
+    if hasattr(os, "sync"):
+        os.sync()
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
 def bench_merge(workdir: Path, size_bytes: int, n_models: int = 3, methods: tuple[str, ...] = ("task_arithmetic",
-                "ties"), with_mergekit: bool = True) -> list[dict]:
-    """Figures for each job (seconds, peak RSS, peak anonymous memory, ratio to the I/O floor)."""
+                "ties"), with_mergekit: bool = True, mergekit_bin: str | None = None,
+                device: str = "cpu") -> list[dict]:
+    """Figures for each job: seconds, ratio to the I/O floor, peak RSS and peak anonymous memory (MB), and for
+    mergekit jobs the ratio of mergekit's time to ours and the largest difference between the two outputs."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = llama_shape(size_bytes)
     base = workdir / "base"
-    if not (base / "config.json").exists():
+    if not (base / "config.json").exists() or json.loads((base / "config.json").read_text()) != config:
         write_synthetic(base, config, seed=0)
     models = []
     for i in range(1, n_models):
         path = workdir / f"model{i}"
-        if not (path / "config.json").exists():
+        if not (path / "config.json").exists() or json.loads((path / "config.json").read_text()) != config:
             write_synthetic(path, config, seed=i, base=base)
         models.append(path)
     inputs = [base] + models
-    jobs: list[JobFigures] = []
+    mergekit = mergekit_command(mergekit_bin) if with_mergekit else None
+    if with_mergekit and mergekit_bin and mergekit is None:
+        raise FileNotFoundError(f"--mergekit-bin '{mergekit_bin}' is not an executable file or a command on PATH")
+
+    rows: list[dict] = []
+
+    def record(job: JobFigures, load: float, floor: float | None, extra: dict | None = None) -> None:
+        rows.append({"job": job.label, "seconds": round(job.seconds, 2),
+                     "x_floor": round(job.seconds / floor, 2) if floor else 1.0, "cpu_s": round(job.cpu_seconds, 2),
+                     "peak_rss_mb": round(job.peak_rss_mb), "peak_anon_mb": round(job.peak_anon_mb),
+                     "load_1m": round(load, 2), "ok": job.returncode == 0,
+                     **(extra or {}), "error": "" if job.returncode == 0 else job.output[-500:]})
+
     floor_out = workdir / "out-floor"
     shutil.rmtree(floor_out, ignore_errors=True)
-    jobs.append(run_monitored("io-floor", python_job(FLOOR_CODE) + [",".join(map(str, inputs)), str(floor_out)]))
+    load = _settle()
+    floor_job = run_monitored("io-floor", python_job(FLOOR_CODE) + [",".join(map(str, inputs)), str(floor_out)])
+    floor = floor_job.seconds if floor_job.returncode == 0 else None
+    record(floor_job, load, floor)
+    shutil.rmtree(floor_out, ignore_errors=True)
     for method in methods:
-        cfg = {"merge_method": method, "base_model": str(base), "dtype": "float32",
-               "models": [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.5}} for m in models],
-               "parameters": {"normalize": False}}
         out = workdir / f"out-unmerge-{method}"
         shutil.rmtree(out, ignore_errors=True)
-        jobs.append(run_monitored(f"unmerge:{method}", python_job(OURS_CODE) + [json.dumps(cfg), str(out)]))
-        if with_mergekit and mergekit_command():
+        load = _settle()
+        ours = run_monitored(f"unmerge:{method}", python_job(OURS_CODE) + [
+            json.dumps(job_config(method, base, models, ours=True)), str(out), device])
+        record(ours, load, floor)
+        if mergekit:
             yaml_file = workdir / f"mergekit-{method}.yaml"
-            yaml_file.write_text(json.dumps(cfg))
-            out = workdir / f"out-mergekit-{method}"
-            shutil.rmtree(out, ignore_errors=True)
-            jobs.append(run_monitored(f"mergekit:{method}", [mergekit_command(), str(yaml_file), str(out)]))
-    floor = jobs[0].seconds
-    rows = []
-    for job in jobs:
-        rows.append({"job": job.label, "seconds": round(job.seconds, 2), "x_floor": round(job.seconds / floor, 2),
-                     "peak_rss_mb": round(job.peak_rss_mb), "peak_anon_mb": round(job.peak_anon_mb),
-                     "ok": job.returncode == 0, "error": "" if job.returncode == 0 else job.output[-500:]})
-    rows.append({"job": "model", "seconds": None, "x_floor": None, "peak_rss_mb": None, "peak_anon_mb": None,
-                 "ok": True, "error": textwrap.shorten(f"{config['num_hidden_layers']} layers, "
-                                                      f"{size_bytes / 1024**3:.2f} GB per checkpoint", 80)})
+            yaml_file.write_text(json.dumps(job_config(method, base, models, ours=False)))  # JSON is YAML
+            theirs_out = workdir / f"out-mergekit-{method}"
+            shutil.rmtree(theirs_out, ignore_errors=True)
+            load = _settle()
+            theirs = run_monitored(f"mergekit:{method}", [mergekit, str(yaml_file), str(theirs_out)])
+            both = ours.returncode == 0 and theirs.returncode == 0
+            record(theirs, load, floor, {
+                "x_ours": round(theirs.seconds / ours.seconds, 2) if both else None,
+                "max_abs_diff": max_abs_difference(out, theirs_out) if both else None})
+            shutil.rmtree(theirs_out, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+    rows.append({"job": "model", "error": f"{config['num_hidden_layers']} layers, {size_bytes / 1024**3:.2f} GB per "
+                 f"checkpoint, {n_models} checkpoints, largest tensor "
+                 f"{config['vocab_size'] * config['hidden_size'] * 4 / 1024**2:.0f} MB, {os.cpu_count()} CPUs"})
     return rows

@@ -5,6 +5,7 @@ the one that memory targets refer to (design.md, "Measuring memory").
 """
 from __future__ import annotations
 
+import resource
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ class JobFigures:
     peak_anon_mb: float
     returncode: int
     output: str = ""
+    cpu_seconds: float = 0.0  # user + system CPU time of the child (all its threads): what it cost, whatever the load
 
 
 def _status_kb(pid: int, field: str) -> int:
@@ -34,7 +36,8 @@ def _status_kb(pid: int, field: str) -> int:
 
 
 def run_monitored(label: str, argv: list[str], interval: float = 0.01, env: dict | None = None) -> JobFigures:
-    """Run ``argv``; wall time and sampled peaks of VmRSS and RssAnon of the child."""
+    """Run ``argv``; wall time, CPU time and sampled peaks of VmRSS and RssAnon of the child."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     peaks = {"VmRSS": 0, "RssAnon": 0}
@@ -50,7 +53,9 @@ def run_monitored(label: str, argv: list[str], interval: float = 0.01, env: dict
     output, _ = proc.communicate()
     seconds = time.perf_counter() - start
     thread.join()
-    return JobFigures(label, seconds, peaks["VmRSS"] / 1024, peaks["RssAnon"] / 1024, proc.returncode, output)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # (children run one at a time here)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return JobFigures(label, seconds, peaks["VmRSS"] / 1024, peaks["RssAnon"] / 1024, proc.returncode, output, cpu)
 
 
 def python_job(code: str) -> list[str]:

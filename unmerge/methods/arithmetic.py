@@ -3,18 +3,29 @@ from __future__ import annotations
 
 import torch
 
+from unmerge.methods.kernels import flat, map_chunks
 from unmerge.methods.registry import Method, Param, TensorTask, register
 
 
 def linear(models: list[torch.Tensor], weights: list[float], normalize: bool = True) -> torch.Tensor:
-    """θ = Σ w_i θ_i / Σ w_i (normalize) or Σ w_i θ_i."""
-    total = sum(w * m for w, m in zip(weights, models))
-    if normalize:
-        denom = sum(weights)
-        if denom == 0:
-            raise ZeroDivisionError("the weights sum to zero; set normalize: false")
-        total = total / denom
-    return total
+    """θ = Σ w_i θ_i / Σ w_i (normalize) or Σ w_i θ_i; streamed in chunks like :func:`task_arithmetic`."""
+    denom = sum(weights)
+    if normalize and denom == 0:
+        raise ZeroDivisionError("the weights sum to zero; set normalize: false")
+    ms = [flat(m) for m in models]
+    out = torch.empty_like(ms[0])
+
+    def run(s: int, e: int) -> None:
+        acc = None
+        for w, m in zip(weights, ms):
+            term = torch.mul(m[s:e], w)
+            acc = term if acc is None else acc.add_(term)
+        if normalize:
+            acc.div_(denom)
+        out[s:e] = acc
+
+    map_chunks(run, out.numel(), out)
+    return out.view_as(models[0])
 
 
 def task_arithmetic(base: torch.Tensor, models: list[torch.Tensor], weights: list[float], lam: float = 1.0,
@@ -23,8 +34,6 @@ def task_arithmetic(base: torch.Tensor, models: list[torch.Tensor], weights: lis
 
     Streamed in chunks (the same arithmetic, element by element, as the whole-tensor expression), so memory-mapped
     inputs cost no copies: the peak is the output plus a few chunks."""
-    from unmerge.methods.kernels import flat, map_chunks
-
     b, ms = flat(base), [flat(m) for m in models]
     out = torch.empty_like(b)
     total = sum(weights)

@@ -5,9 +5,12 @@ Why chunks: a method receives whole tensors (on the CPU, memory-mapped from the 
 costs no anonymous memory). Whole-tensor expressions such as ``((models - base) * w * mask).sum(0)`` materialise
 several float copies of the largest tensor (an embedding is often 10% of a model); looping over slices of
 ``CPU_CHUNK`` elements keeps the temporaries in cache and the peak memory at one output tensor plus a few chunks.
-Slices below torch's intra-op grain run on the calling thread, so the loop never pays OpenMP start-up per op
-(which on a small or busy machine costs more than the arithmetic). On CUDA, chunks are large (launch overhead
-dominates there, and device memory holds the whole tensor anyway).
+The chunks run on a small pool of threads that each run torch single-threaded (:func:`map_chunks`): the chunks are
+the parallelism, and no op pays OpenMP's fork/join, which on a small or busy machine costs more than the arithmetic
+(measured on 2 shared cores: a chunked TIES with 2 OpenMP threads per op ran 4-25x slower than single-threaded
+ops). Inside those threads the kernels use float ops (``hardshrink``, ``sign``, ``relu``, ``mul``) rather than
+comparisons to bool and ``where``, which are several times slower per element on the CPU. On CUDA, chunks are large
+(launch overhead dominates there, and device memory holds the whole tensor anyway) and run in order.
 
 Why not ``torch.topk``/``sort``/``kthvalue`` on the whole tensor: each copies it (and ``topk`` with k ≈ n/2 is
 slower than a full sort). :func:`kth_largest_abs` draws a fixed-seed sample of |τ| to bracket the wanted rank,
@@ -31,7 +34,8 @@ Tensor = torch.Tensor
 
 CPU_CHUNK = 1 << 18  # elements per chunk on the CPU (1 MB of float32: temporaries stay in cache)
 CUDA_CHUNK = 1 << 26
-SAMPLE = 1 << 16  # sample size used to bracket an order statistic
+SAMPLE = 1 << 16  # sample size used to bracket an order statistic (a quarter of it below SAMPLE_LARGE elements)
+SAMPLE_LARGE = 1 << 23
 SMALL = 1 << 16  # tensors this small are selected directly
 _SAMPLE_SEED = 0x5EED
 
@@ -53,8 +57,18 @@ _POOL_LOCK = threading.Lock()
 
 def cpu_workers() -> int:
     """Chunk workers on the CPU: torch's thread count (``torch.set_num_threads`` / OMP_NUM_THREADS), capped by the
-    cores."""
-    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+    cores this process may use. Inside a pool thread (one torch thread) this is 1, so nested loops run inline."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(torch.get_num_threads(), cores))
+
+
+def _forget_pool() -> None:  # a forked child has the pool object but not its threads
+    global _POOL, _POOL_SIZE
+    _POOL, _POOL_SIZE = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _pool(size: int) -> ThreadPoolExecutor:
@@ -89,6 +103,14 @@ def map_chunks(fn: Callable[[int, int], T], n: int, like: Tensor, chunk: int | N
     return list(_pool(workers).map(lambda r: fn(*r), ranges))
 
 
+def run_tasks(tasks: list[Callable[[], T]], like: Tensor) -> list[T]:
+    """``[task() for task in tasks]``; on the CPU on :func:`_pool`'s single-threaded workers (small ops such as a sort
+    of a sample would otherwise fork OpenMP threads from the calling thread)."""
+    if like.device.type != "cpu" or cpu_workers() == 1:
+        return [task() for task in tasks]
+    return list(_pool(cpu_workers()).map(lambda task: task(), tasks))
+
+
 def flat(t: Tensor) -> Tensor:
     """A 1-D view (a copy only for a non-contiguous input)."""
     return t.reshape(-1)
@@ -100,18 +122,6 @@ def below(value: float, dtype: torch.dtype) -> float:
     return float(torch.nextafter(v, torch.tensor(-math.inf, dtype=dtype)))
 
 
-def shrink(x: Tensor, threshold: float | None) -> Tensor:
-    """x where |x| > threshold, else 0 (``hardshrink``: the |·|, comparison and select in one pass). ``None``
-    keeps everything; ``inf`` keeps nothing."""
-    if threshold is None:
-        return x
-    if threshold == math.inf:
-        return torch.zeros_like(x)
-    if threshold < 0:
-        return x
-    return torch.nn.functional.hardshrink(x, threshold)
-
-
 # ---------------------------------------------------------------------------------------------------- order statistic
 @dataclass(frozen=True)
 class Kth:
@@ -120,11 +130,14 @@ class Kth:
     value: float
     greater: int
     equal: int
+    per_chunk: tuple[int, ...] | None = None  # the equal entries in each chunk (of ``chunk`` elements), when known
+    chunk: int = 0
 
 
-def _direct(a: Tensor, k: int) -> Kth:
+def _direct(a: Tensor, k: int, chunk: int = 0) -> Kth:
     v = torch.kthvalue(a, a.numel() - k + 1).values
-    return Kth(float(v), int(torch.count_nonzero(a > v)), int(torch.count_nonzero(a == v)))
+    equal = int(torch.count_nonzero(a == v))
+    return Kth(float(v), int(torch.count_nonzero(a > v)), equal, (equal,) if a.numel() <= chunk else None, chunk)
 
 
 def kth_largest_abs(base: Tensor, models: list[Tensor], ks: list[int]) -> list[Kth | None]:
@@ -139,66 +152,78 @@ def kth_largest_abs(base: Tensor, models: list[Tensor], ks: list[int]) -> list[K
     todo = [i for i, k in enumerate(ks) if 1 <= k <= n]
     if not todo:
         return out
+    chunk = chunk_size(b)
     if n <= SMALL:
         for i in todo:
-            out[i] = _direct((ms[i] - b).abs(), ks[i])
+            out[i] = _direct((ms[i] - b).abs(), ks[i], chunk)
         return out
 
     gen = torch.Generator().manual_seed(_SAMPLE_SEED)
-    idx = torch.randint(0, n, (SAMPLE,), generator=gen).sort().values.to(b.device)
-    b_sample = b[idx]
-    brackets: dict[int, tuple[float, float]] = {}
-    for i in todo:
-        sample = (ms[i][idx] - b_sample).abs().sort().values
-        rank = (n - ks[i]) / n * SAMPLE  # ascending position of the wanted value in the sorted sample
-        spread = 6.0 * math.sqrt(SAMPLE * max(rank / SAMPLE, 1e-9) * max(1 - rank / SAMPLE, 1e-9)) + 8
-        low_pos, high_pos = math.floor(rank - spread), math.ceil(rank + spread)
-        low = -1.0 if low_pos < 0 else float(sample[low_pos])
-        high = math.inf if high_pos >= SAMPLE else float(sample[high_pos])
-        brackets[i] = (low, high)
+    size = SAMPLE if n >= SAMPLE_LARGE else SAMPLE // 4  # (a bigger sample narrows the bracket but costs more)
+    idx = torch.randint(0, n, (size,), generator=gen)
 
-    cap = max(n // 8, 4 * SAMPLE)
+    def bracket(i: int) -> tuple[float, float]:
+        positions = idx.sort().values.to(b.device)
+        sample = (ms[i][positions] - b[positions]).abs()
+        rank = (n - ks[i]) / n * size  # ascending position of the wanted value in the sorted sample
+        spread = 6.0 * math.sqrt(size * max(rank / size, 1e-9) * max(1 - rank / size, 1e-9)) + 8
+        low_pos, high_pos = math.floor(rank - spread), math.ceil(rank + spread)
+        low = 0.0 if low_pos < 0 else float(torch.kthvalue(sample, low_pos + 1).values)  # (zeros: see finish)
+        high = math.inf if high_pos >= size else float(torch.kthvalue(sample, high_pos + 1).values)
+        return low, high
+
+    brackets = dict(zip(todo, run_tasks([lambda i=i: bracket(i) for i in todo], b)))
+
+    cap = max(n // 8, 4 * size)
     lock = threading.Lock()
     held = {i: 0 for i in todo}
     failed: set[int] = set()
 
     def scan(s: int, e: int) -> dict[int, tuple[int, Tensor]]:
-        a = torch.empty(e - s, dtype=b.dtype, device=b.device)
         found = {}
         for i in todo:
             if i in failed:
                 continue
             low, high = brackets[i]
-            torch.sub(ms[i][s:e], b[s:e], out=a)
-            a.abs_()
-            over = a > high
-            band = a[(a > low) ^ over]  # low < |τ| <= high
+            tau = torch.sub(ms[i][s:e], b[s:e])
+            over = torch.nn.functional.hardshrink(tau, high)  # τ where |τ| > high, else 0
+            inside = torch.nn.functional.hardshrink(tau, low).sub_(over)  # τ where low < |τ| <= high (low >= 0)
+            band = inside[inside.bool()].abs_()
+            count = int(torch.count_nonzero(over.bool()))
             with lock:
                 held[i] += band.numel()
                 if held[i] > cap:
                     failed.add(i)
                     continue
-            found[i] = (int(torch.count_nonzero(over)), band)
+            found[i] = (count, band)
         return found
 
     parts = map_chunks(scan, n, b)
     above = {i: sum(p[i][0] for p in parts if i in p) for i in todo}
     inside = {i: [p[i][1] for p in parts if i in p] for i in todo}
-    for i in todo:
+
+    def finish(i: int) -> Kth:
         need = ks[i] - above[i]
         values = torch.cat(inside[i]) if inside[i] else b.new_empty(0)
         if i in failed or need < 1:
-            out[i] = _exact(b, ms[i], ks[i])
-        elif need <= values.numel():
+            return _exact(b, ms[i], ks[i])
+        if need <= values.numel():
             found = _direct(values, need)
-            out[i] = Kth(found.value, above[i] + found.greater, found.equal)
-        else:  # at or below the bracket's low end: usually a mass of equal magnitudes there (zeros)
-            low = brackets[i][0]
-            at_low = 0 if low < 0 else _count_equal(b, ms[i], low)
-            if need - values.numel() <= at_low:
-                out[i] = Kth(low, above[i] + values.numel(), at_low)
-            else:
-                out[i] = _exact(b, ms[i], ks[i])
+            per_chunk = tuple(int(torch.count_nonzero(part == found.value)) for part in inside[i])
+            return Kth(found.value, above[i] + found.greater, found.equal, per_chunk, chunk)
+        # at or below the bracket's low end: usually a mass of equal magnitudes there (zeros)
+        low = brackets[i][0]
+        at_low = _count_equal(b, ms[i], low)
+        if need - values.numel() <= at_low:
+            return Kth(low, above[i] + values.numel(), at_low)
+        return _exact(b, ms[i], ks[i])
+
+    ready = [i for i in todo if i not in failed and 1 <= ks[i] - above[i] <= sum(v.numel() for v in inside[i])]
+    for i, kth in zip(ready, run_tasks([lambda i=i: finish(i) for i in ready], b)):
+        out[i] = kth
+    for i in todo:
+        if i not in ready:
+            out[i] = finish(i)  # (these start their own passes over the chunks)
     return out
 
 

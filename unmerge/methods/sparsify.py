@@ -17,28 +17,39 @@ its default config, peft ``utils/merge_utils.py``):
 
 - ``paper`` — trim: keep |τ| ≥ the k-th largest |τ|, k = ⌈density·n⌉ (magnitude ties kept). Elect γ = sgn Σ w τ̂;
   where Σ = 0, γ = sgn Σγ (then +1). Agree: sgn(w τ̂) = γ. Aggregate: Σ a w τ̂ / max(Σ a, 1).
-- ``mergekit`` — trim: exactly k = ⌊density·n⌋ entries by a sort. γ = +1 where Σ w τ̂ ≥ 0. Agree: sgn(w τ̂) = γ.
+- ``mergekit`` — trim: exactly k = max(1, ⌊density·n⌋) entries (mergekit 0.1.5; a sort there). Among magnitudes tied
+  at the threshold mergekit keeps whatever ``torch.argsort`` puts first (unspecified, not even stable on the CPU);
+  we keep the first by position, so the two can differ at those few entries only. γ = +1 where Σ w τ̂ ≥ 0. Agree:
+  sgn(w τ̂) = γ.
   Aggregate: Σ a w τ̂ / Σ a w (0 → 1) when ``normalize`` (its default: on for ties and della, off for dare_ties and
   breadcrumbs_ties), else Σ a w τ̂; then × ``lambda``.
 - ``fusionbench`` — trim: keep |τ| ≥ the (n − ⌊density·n⌋)-th smallest |τ|, i.e. one entry more than ⌊density·n⌋.
   Election and agreement as the paper. Aggregate: Σ a w τ̂ (its config's ``merge_func: sum``).
-- ``peft`` — trim: exactly k = ⌊density·n⌋ by top-k. γ = +1 where the *unweighted* Σ τ̂ ≥ 0. Agree: sgn(τ̂) = γ.
+- ``peft`` — trim: exactly k = ⌊density·n⌋ by top-k (ties at the threshold: the first by position, as for mergekit).
+  γ = +1 where the *unweighted* Σ τ̂ ≥ 0. Agree: sgn(τ̂) = γ.
   Aggregate: Σ a w τ̂ / max(Σ a, 1).
 
 Further differences: peft returns the merged delta only (we add θ₀ + λ·); FusionBench flattens the whole model into
 one vector per task (``scope: global`` here, with ``lambda`` = its ``scaling_factor``, 0.3 in its config) and its
 threshold is a percentage; mergekit's DARE/DELLA ``rescale`` matches the L1 norm of the original task vector
-(``RescaleNorm.l1``) instead of dividing by the keep probability, and its Breadcrumbs mask is empty when
-⌊gamma·n⌋ = 0 (``indices[n_bot:-0]``), which we do not reproduce. ``normalize`` (true: disjoint mean, false: disjoint
+(``RescaleNorm.l1``) instead of dividing by the keep probability (TIES takes the same ``rescale``, off by default, as
+mergekit), and its Breadcrumbs keeps ⌊density·n⌋ entries after an unstable sort where we keep ⌈density·n⌉ in stable
+order (mergekit before 0.1.5 kept nothing when ⌊gamma·n⌋ = 0). ``normalize`` (true: disjoint mean, false: disjoint
 sum) overrides each convention's default. Magnitude ties at the threshold are kept in paper/fusionbench mode.
 
 ``scope: global`` takes the top-k of each model's whole task vector (k = Σ density·numel), as the TIES paper's code
-does: an exact streaming pre-pass (a two-pass radix select over float32 bit patterns) finds each model's threshold
+does: an exact streaming pre-pass (a sample brackets each model's threshold, one pass counts above and keeps inside
+the bracket; a two-pass radix select over float32 bit patterns if the bracket misses) finds each model's threshold
 without holding more than one tensor; every compat then keeps |τ| ≥ its model's threshold, and the zero-sum
 tie-break (paper/fusionbench) stays per tensor. The paper has no per-model weights: in paper mode w_t scales τ_t.
 
-Random masks (DARE, DELLA) come from a CPU ``torch.Generator`` seeded by sha256(seed, tensor name, model index), so
-the same seed gives the same bytes on any device and in any tensor order.
+Random masks (DARE, DELLA) come from CPU ``torch.Generator``s seeded by sha256(seed, tensor name, model index) — one
+per block of ``RNG_BLOCK`` elements after the first — so the same seed gives the same bytes on any device, in any
+tensor order and however the tensor is chunked.
+
+Everything streams (``unmerge.methods.kernels``): the per-tensor top-k thresholds come from an exact sampled
+selection instead of a sort, and the sparsify-and-combine runs chunk by chunk in float arithmetic, so a merge holds
+the output tensor and a few small chunks, never a stack of float copies of its inputs.
 """
 from __future__ import annotations
 
@@ -53,8 +64,8 @@ import torch
 
 from unmerge.errors import MethodError
 from unmerge.methods.arithmetic import WEIGHT
-from unmerge.methods.kernels import (Kth, below, chunk_size, flat, float_bits, kth_largest_abs, map_chunks,
-                                     radix_histograms, spans)
+from unmerge.methods.kernels import (Kth, below, chunk_size, flat, kth_largest_abs, map_chunks, radix_histograms,
+                                     run_tasks, spans)
 from unmerge.methods.registry import Method, Param, TensorTask, register
 
 Tensor = torch.Tensor
@@ -282,7 +293,8 @@ def _exact_rule(b: Tensor, m: Tensor, kth: Kth, k: int, exact: bool, chunk: int)
         return _shrinker(below(kth.value, b.dtype))
     if kth.value == 0:  # the kept zeros change nothing
         return _shrinker(0.0)
-    counts = _count_per_chunk(b, m, kth.value, chunk)
+    counts = list(kth.per_chunk) if kth.per_chunk is not None and kth.chunk == chunk else \
+        _count_per_chunk(b, m, kth.value, chunk)
     return _shrinker(below(kth.value, b.dtype), kth.value, _quotas(counts, k - kth.greater, False, chunk))
 
 
@@ -383,8 +395,10 @@ def _della_chunk(density: float, epsilon: float, seed: int, width: int, rescale:
     """MagPrune on whole rows (chunks are row-aligned)."""
     def apply(tau: Tensor, s: int, e: int) -> Tensor:
         rows = tau.view(-1, width)
-        if width > 1:
-            ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).to(tau.dtype) / (width - 1)
+        if width > 1:  # rank = the inverse of the (stable) sorting permutation, by one scatter
+            order = rows.abs().argsort(dim=1, stable=True)
+            ranks = torch.empty_like(order).scatter_(1, order, torch.arange(width, device=tau.device).expand_as(order))
+            ranks = ranks.to(tau.dtype) / (width - 1)
         else:
             ranks = torch.full_like(rows, 0.5)
         probs = ranks.mul_(2 * epsilon).add_(density - epsilon)
@@ -442,12 +456,17 @@ def breadcrumbs_rule(base: Tensor, model: Tensor, density: float, gamma: float, 
     top = found.pop(0) if n_top > 0 else None
     bottom = found.pop(0) if n_bottom > 0 else None
     top_quota = bottom_quota = None
+    def tied(kth: Kth) -> list[int]:
+        if kth.per_chunk is not None and kth.chunk == chunk:
+            return list(kth.per_chunk)
+        return _count_per_chunk(b, m, kth.value, chunk)
+
     if top is not None and top.greater + top.equal > n_top:  # drop the last (n_top − greater) of the tied
-        top_quota = _quotas(_count_per_chunk(b, m, top.value, chunk), n_top - top.greater, True, chunk)
+        top_quota = _quotas(tied(top), n_top - top.greater, True, chunk)
     if bottom is not None:
         less = n - bottom.greater - bottom.equal
         if less + bottom.equal > n_bottom:  # drop the first (n_bottom − less) of the tied
-            bottom_quota = _quotas(_count_per_chunk(b, m, bottom.value, chunk), n_bottom - less, False, chunk)
+            bottom_quota = _quotas(tied(bottom), n_bottom - less, False, chunk)
 
     def apply(tau: Tensor, s: int, e: int) -> Tensor:
         mag = tau.abs()
@@ -481,13 +500,13 @@ def breadcrumbs(tau: Tensor, density: float, gamma: float) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- global top-k
-GLOBAL_SAMPLE_SHIFT = 8  # the global pre-pass samples one entry in 2**8 of every tensor
+GLOBAL_SAMPLE_SHIFT = 10  # the global pre-pass samples one entry in 2**10 of every tensor
 
 
 def global_thresholds(stream: Callable[[], Iterator[TensorTask]]) -> list[float]:
     """Exact k_t-th largest |τ_t| over every tensor of each model t, k_t = ⌈Σ_tensors density_t·numel⌉, in float32.
 
-    Pass 1 samples |τ| (one entry in 256 of each tensor, fixed seed) to bracket each model's threshold; pass 2
+    Pass 1 samples |τ| (one entry in 1024 of each tensor, fixed seed) to bracket each model's threshold; pass 2
     streams every tensor once, counting the entries above the bracket and keeping those inside it; an exact
     selection among those finishes. Memory: the sample and the bracket's entries. If the bracket misses (or holds
     too much), a two-pass radix select over the float32 bit patterns gives the exact value instead.
@@ -499,21 +518,29 @@ def global_thresholds(stream: Callable[[], Iterator[TensorTask]]) -> list[float]
     for task in stream():
         b = flat(task.base)
         n = b.numel()
-        take = max(1, -(-n >> GLOBAL_SAMPLE_SHIFT)) if n else 0
-        idx = torch.randint(0, max(n, 1), (take,), generator=gen).to(b.device) if take else None
-        for i, model in enumerate(task.models):
+        take = -(-n >> GLOBAL_SAMPLE_SHIFT)
+        idx = torch.randint(0, n, (take,), generator=gen).sort().values if take else None  # (in address order)
+        models = [flat(m) for m in task.models]
+
+        def draw(m: Tensor, b: Tensor = b, idx: Tensor | None = idx) -> Tensor:
+            where = idx.to(b.device)
+            return (m[where] - b[where]).abs().float().cpu()
+
+        drawn = run_tasks([lambda m=m: draw(m) for m in models], b) if idx is not None else []
+        for i, model in enumerate(models):
             if i == len(samples):
                 samples.append([])
                 wanted.append(0.0)
                 totals.append(0)
-            if idx is not None:
-                samples[i].append((flat(model)[idx] - b[idx]).abs().float().cpu())
+            if drawn:
+                samples[i].append(drawn[i])
             wanted[i] += task.params["density"][i] * n
             totals[i] += n
     ks = [min(totals[i], _ceil(wanted[i])) for i in range(len(wanted))]
     brackets = []
     for i, k in enumerate(ks):
-        sample = torch.cat(samples[i]).sort().values if samples[i] else torch.zeros(0)
+        sample = torch.cat(samples[i]) if samples[i] else torch.zeros(0)
+        samples[i] = []
         size = sample.numel()
         if k <= 0 or not size:
             brackets.append(None)
@@ -522,8 +549,8 @@ def global_thresholds(stream: Callable[[], Iterator[TensorTask]]) -> list[float]
         p = min(max(rank / size, 1e-9), 1 - 1e-9)
         spread = 6.0 * math.sqrt(size * p * (1 - p)) + 8
         low_pos, high_pos = math.floor(rank - spread), math.ceil(rank + spread)
-        brackets.append((-1.0 if low_pos < 0 else float(sample[low_pos]),
-                         math.inf if high_pos >= size else float(sample[high_pos])))
+        brackets.append((-1.0 if low_pos < 0 else float(torch.kthvalue(sample, low_pos + 1).values),
+                         math.inf if high_pos >= size else float(torch.kthvalue(sample, high_pos + 1).values)))
     above = [0] * len(ks)
     inside: list[list[Tensor]] = [[] for _ in ks]
     held = [0] * len(ks)
