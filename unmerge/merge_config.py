@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from unmerge.checkpoint import Checkpoint
 from unmerge.checkpoint.writer import parse_size
 from unmerge.engine import MergeResult, merge_checkpoints, required_stats
+from unmerge.recipe import load_yaml_data
 from unmerge.errors import RecipeError, did_you_mean
 from unmerge.methods import Method, get_method
 from unmerge.methods.params import ParamPlan
@@ -80,14 +80,7 @@ def load_config(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Pa
     if isinstance(source, dict):
         return copy.deepcopy(source), None
     path = Path(source)
-    if not path.is_file():
-        raise RecipeError(f"merge config '{path}' does not exist", "give a YAML file path or a dict")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"merge config '{path}' is not valid YAML (tags that construct objects are refused): {exc}",
-                          "configs are plain data: mappings, lists, strings and numbers") from None
-    return data, path.parent
+    return load_yaml_data(path, "merge config"), path.parent
 
 
 def _resolve(value: Any, where: str, root: Path | None) -> str:

@@ -48,21 +48,25 @@ OPTIONAL_SECTIONS = {("evaluate", "toxicity"), ("evaluate", "perplexity"), ("eva
                      ("evaluate", "forget_quality")}
 
 
+def load_yaml_data(path: Path, what: str) -> Any:
+    """``yaml.safe_load`` of a file that must exist; tags that construct objects are refused with a clear error."""
+    if not path.is_file():
+        raise RecipeError(f"{what} '{path}' does not exist", "give the path of a YAML file")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{what} '{path}' is not valid YAML (tags that construct objects are refused): {exc}",
+                          "it is plain data: mappings, lists, strings and numbers") from None
+
+
 def load_recipe(source: str | Path | dict) -> dict[str, Any]:
     """Parse (safe YAML) and validate a recipe; returns the recipe as given (a dict)."""
     if isinstance(source, dict):
         given = copy.deepcopy(source)
         where = "recipe"
     else:
-        path = Path(source)
-        if not path.exists():
-            raise RecipeError(f"recipe '{path}' does not exist", "see recipes/ for examples")
-        try:
-            given = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"recipe '{path}' is not valid YAML (tags that construct objects are refused): {exc}",
-                              "recipes are plain data: mappings, lists, strings and numbers") from None
-        where = str(path)
+        given = load_yaml_data(Path(source), "recipe")
+        where = str(source)
     if not isinstance(given, dict):
         raise RecipeError(f"recipe '{where}' must be a mapping at the top level")
     _check(given, SCHEMA, (), where)

@@ -27,7 +27,7 @@ from unmerge.methods import get_method
 from unmerge.methods.params import ParamPlan
 from unmerge.methods.removal import REMOVAL_METHODS
 from unmerge.models import load_causal_lm, resolve_model
-from unmerge.recipe import load_recipe, resolve_recipe
+from unmerge.recipe import load_recipe, load_yaml_data, resolve_recipe
 from unmerge.report.selection import parse_rule
 from unmerge.sources import load_items, load_texts
 from unmerge.stats import Statistic
@@ -389,18 +389,7 @@ def evaluate_models(models: list[str], config: str | Path | dict, out: str | Pat
     """Evaluate any models with the protocols of an evaluation config (the recipe's ``evaluate`` section, plus
     optional ``seed``, ``data: {forget, retain}`` for forget quality, ``select`` and ``report``); results are cached
     by (model, protocol), so a re-run computes only what is new. Writes a report bundle to ``out``."""
-    import yaml
-
-    if isinstance(config, dict):
-        given = dict(config)
-    else:
-        path = Path(config)
-        if not path.exists():
-            raise RecipeError(f"evaluation config '{path}' does not exist")
-        try:
-            given = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"evaluation config '{path}' is not valid YAML: {exc}") from None
+    given = dict(config) if isinstance(config, dict) else (load_yaml_data(Path(config), "evaluation config") or {})
     for key in given:
         if key not in EVALUATE_CONFIG_KEYS:
             raise RecipeError(f"unknown evaluation config key '{key}'", did_you_mean(key, EVALUATE_CONFIG_KEYS))

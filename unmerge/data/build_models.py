@@ -69,14 +69,10 @@ def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
 
 
 def _batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    labels = ids.masked_fill(mask == 0, -100)
-    return ids, mask, labels
+    from unmerge.train.finetune import collate_right_padded
+
+    batch = collate_right_padded(seqs, pad_id)
+    return batch["input_ids"], batch["attention_mask"], batch["labels"]
 
 
 # ------------------------------------------------------------------------------------------------- training

@@ -41,7 +41,7 @@ from unmerge.checkpoint.writer import MARKER, atomic_output_dir
 from unmerge.errors import DataError
 from unmerge.report import plots
 from unmerge.report.render import Document, render_html, render_markdown
-from unmerge.report.selection import Selection, select
+from unmerge.report.selection import Selection, _fmt, select
 from unmerge.report.verify import MANIFEST
 
 __all__ = ["write_bundle", "METRIC_COLUMNS", "MANIFEST", "BUNDLE_FORMAT", "library_versions", "hardware_info"]
@@ -299,18 +299,7 @@ def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
 # formatting
 
 
-def _f(value: Any) -> str:
-    if _is_missing(value):
-        return "n/a"
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if math.isnan(value):
-        return "n/a"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.4g}"
+_f = _fmt  # one number format for the tables and the selection reasons
 
 
 def _alpha(value: Any) -> str:
