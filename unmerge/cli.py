@@ -295,5 +295,43 @@ def bench_merge(size, n_models, methods, workdir, mergekit, mergekit_bin, device
         click.echo(pd.DataFrame(rows).fillna("").to_string(index=False))
 
 
+@bench.command("fisher")
+@click.option("--model", "model_name", type=click.Choice(["tiny", "gpt2-small"]), default="tiny", show_default=True,
+              help="the builtin tiny-lm, or a random GPT-2 small configuration (124M parameters)")
+@click.option("--examples", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--threads", type=int, help="torch CPU threads")
+@friendly
+def bench_fisher(model_name, examples, batch_size, threads):
+    """Per-example Fisher: the vmap path against the batch-1 loop (examples/s, ratio, peak anonymous memory)."""
+    import torch
+
+    from unmerge.bench.paths import bench_fisher as run_bench
+
+    if threads:
+        torch.set_num_threads(threads)
+    for key, value in run_bench(model_name, examples, batch_size).items():
+        click.echo(f"{key:20s} {value}")
+
+
+@bench.command("generate")
+@click.option("--prompts", type=int, default=32, show_default=True)
+@click.option("--samples", type=int, default=4, show_default=True, help="samples per prompt")
+@click.option("--max-new-tokens", type=int, default=20, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--threads", type=int, help="torch CPU threads")
+@friendly
+def bench_generate(prompts, samples, max_new_tokens, batch_size, threads):
+    """Batched generation (left padding, KV cache) against one prompt at a time: new tokens/s and the ratio."""
+    import torch
+
+    from unmerge.bench.paths import bench_generate as run_bench
+
+    if threads:
+        torch.set_num_threads(threads)
+    for key, value in run_bench(prompts, samples, max_new_tokens, batch_size).items():
+        click.echo(f"{key:20s} {value}")
+
+
 if __name__ == "__main__":
     main()
