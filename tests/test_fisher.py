@@ -100,3 +100,15 @@ def test_vmap_path_is_used_when_the_config_has_a_pad_token():
     fisher, info = diagonal_fisher(model, EXAMPLES, estimator="empirical", batch_size=5, path="vmap", progress=False)
     assert info["path"] == "vmap" and model.config.pad_token_id == 0
     assert_close(fisher, reference_loop(model, EXAMPLES, lambda i, ex: torch.tensor(ex[1:])))
+
+
+def test_auto_path_uses_the_loop_when_per_example_gradients_exceed_the_budget(monkeypatch):
+    import unmerge.stats.fisher as fisher_module
+
+    model = make_gpt2()
+    monkeypatch.setattr(fisher_module, "VMAP_BUDGET_BYTES", 1)
+    _, info = diagonal_fisher(model, EXAMPLES, estimator="empirical", batch_size=2, path="auto", progress=False)
+    assert info["path"] == "loop"
+    monkeypatch.setattr(fisher_module, "VMAP_BUDGET_BYTES", 1 << 40)
+    _, info = diagonal_fisher(model, EXAMPLES, estimator="empirical", batch_size=2, path="auto", progress=False)
+    assert info["path"] == "vmap"
