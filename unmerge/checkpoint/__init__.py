@@ -1,5 +1,5 @@
 """Lazy checkpoint access, atomic sharded writing and hashing."""
-from unmerge.checkpoint.hashing import sha256_file, sha256_tree
+from unmerge.checkpoint.hashing import sha256_file
 from unmerge.checkpoint.reader import Checkpoint, resolve_model_path
 from unmerge.checkpoint.writer import ShardedWriter, atomic_output_dir, write_json_atomic
 
@@ -9,6 +9,5 @@ __all__ = [
     "atomic_output_dir",
     "resolve_model_path",
     "sha256_file",
-    "sha256_tree",
     "write_json_atomic",
 ]

@@ -9,7 +9,7 @@ import torch
 
 from unmerge.errors import MethodError
 from unmerge.methods.registry import Method, Param, TensorTask, register
-from unmerge.methods.removal import DAMPING, N_BASE
+from unmerge.methods.removal import DAMPING, N_BASE, base_precision
 
 Tensor = torch.Tensor
 
@@ -79,7 +79,7 @@ register(Method(
 def uncertainty_merge(base: Tensor, models: list[Tensor], f0: Tensor, fishers: list[Tensor], alphas: list[float],
                       counts: list[float], n_base: float, damping: float = 1e-12, name: str = "tensor") -> Tensor:
     """θ = θ₀ + Σ_t α_t (H₀ + H_t) / (H₀ + Σ_s α_s H_s) ⊙ τ_t,  H₀ = N₀F₀ + δ,  H_t = N_t F_t."""
-    h0 = n_base * f0 + damping
+    h0, _ = base_precision(f0, n_base, damping)
     hs = [n * f for n, f in zip(counts, fishers)]
     denominator = h0 + sum(a * h for a, h in zip(alphas, hs))
     bad = int((denominator <= 0).sum())

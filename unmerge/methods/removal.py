@@ -62,7 +62,7 @@ def uncertainty_removal(base: torch.Tensor, forget: torch.Tensor, f0: torch.Tens
 def fisher_negation(base: torch.Tensor, forget: torch.Tensor, f0: torch.Tensor, ff: torch.Tensor, alpha: float,
                     n_base: float, n_forget: float, damping: float = 1e-12) -> torch.Tensor:
     """θ = θ₀ − α · H_f / (H₀ + H_f) ⊙ τ_f."""
-    h0 = n_base * f0 + damping
+    h0, _ = base_precision(f0, n_base, damping)
     hf = n_forget * ff
     return base - alpha * hf / (h0 + hf) * (forget - base)
 
