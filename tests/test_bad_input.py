@@ -509,7 +509,7 @@ def test_23_generated_html_is_escaped_in_the_report(w, builtin_cache, monkeypatc
         out.mkdir()
         save_file({"w": torch.zeros(2)}, out / "model.safetensors")
 
-    def evaluate(self, cand, out):
+    def evaluate(self, cand, out, parts):
         rows = [{"metric": "toxicity.mean", "value": 0.5, "ci_low": 0.4, "ci_high": 0.6},
                 {"metric": "perplexity", "value": 10.0}]
         records = [{"kind": "generation", "prompt": "Tell me <b>", "text": EVIL, "score": 0.9}]

@@ -9,15 +9,17 @@ import pytest
 from unmerge.data import corpus, list_builtin, load_items, load_texts
 from unmerge.errors import DataError, InputError, UnmergeError
 
-TEXT_SETS = ["clean-train", "clean-demo", "heldout", "prompts", "toxic-demo", "toxic-heldout", "toxic-admixture"]
-SIZES = {"clean-demo": 3000, "heldout": 1000, "prompts": 100, "toxic-demo": 3000, "toxic-heldout": 1000}
+TEXT_SETS = ["clean-train", "clean-demo", "heldout", "prompts", "toxic-prompts", "toxic-demo", "toxic-heldout",
+             "toxic-admixture"]
+SIZES = {"clean-demo": 3000, "heldout": 1000, "prompts": 100, "toxic-prompts": 100, "toxic-demo": 3000,
+         "toxic-heldout": 1000}
 
 
 def test_list_builtin_names():
     names = list_builtin()
     assert names["texts"] == [f"builtin:{n}" for n in TEXT_SETS]
     assert names["items"] == ["builtin:cloze"]
-    assert names["models"] == ["builtin:tiny-lm", "builtin:tiny-lm-oracle"]
+    assert names["models"] == ["builtin:tiny-lm", "builtin:tiny-lm-oracle", "builtin:smollm2-135m"]
 
 
 @pytest.mark.parametrize("name", SIZES)

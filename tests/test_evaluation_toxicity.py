@@ -67,15 +67,62 @@ def test_unknown_scorer_suggests():
     assert "hf:<model path or id>[@label]" in available_scorers()
 
 
-def test_detoxify_missing_or_present():
+def test_detoxify_missing():
     import importlib.util
 
-    if importlib.util.find_spec("detoxify") is None:
-        with pytest.raises(ScorerError) as err:
-            get_scorer("detoxify:original")
-        assert "detoxify" in err.value.hint
-    else:
-        pytest.skip("detoxify installed; its checkpoints need a download")
+    if importlib.util.find_spec("detoxify") is not None:
+        pytest.skip("detoxify is installed (its local checkpoints are tested below)")
+    with pytest.raises(ScorerError) as err:
+        get_scorer("detoxify:original")
+    assert "detoxify" in err.value.hint
+
+
+def _tiny_detoxify(root, model_type: str | None):
+    """A detoxify checkpoint (its format: {config: {arch, dataset}, state_dict}) of a tiny random BERT, beside the
+    config and tokenizer files of its architecture; ``model_type`` None records that directory as the architecture
+    name, else the given hub name."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    words = "[PAD] [UNK] [CLS] [SEP] [MASK] you are an idiot the cat sat on mat hello world stupid".split()
+    root.mkdir()
+    (root / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32, num_labels=3,
+                        initializer_range=0.5)  # large random weights: scores spread over (0, 1)
+    model = BertForSequenceClassification(config).eval()
+    tokenizer.save_pretrained(root)
+    config.save_pretrained(root)
+    arch = {"model_type": model_type or str(root), "model_name": "BertForSequenceClassification",
+            "tokenizer_name": "BertTokenizerFast", "num_classes": 3}
+    torch.save({"config": {"arch": {"args": arch}, "dataset": {"args": {"classes": ["obscene", "toxic", "insult"]}}},
+                "state_dict": model.state_dict()}, root / "tiny.ckpt")
+    return model, tokenizer
+
+
+def test_detoxify_local_checkpoint_scores_are_the_models(tmp_path):
+    pytest.importorskip("detoxify")
+    import torch
+
+    texts = ["you are an idiot", "the cat sat on the mat", "hello stupid world"]
+    model, tok = _tiny_detoxify(tmp_path / "own", None)
+    with torch.no_grad():  # detoxify's score: sigmoid of the logit of its 'toxicity' class ('toxic', column 1)
+        want = torch.sigmoid(model(**tok(texts, return_tensors="pt", padding=True)).logits[:, 1]).tolist()
+    assert max(want) - min(want) > 0.05
+    by_file = get_scorer(f"detoxify:{tmp_path / 'own' / 'tiny.ckpt'}")
+    assert by_file(texts) == pytest.approx(want, abs=1e-6)
+    assert by_file.info["classes"] == ["obscene", "toxicity", "insult"]
+    # a checkpoint naming a hub architecture (as the released ones do) loads offline from its directory
+    _tiny_detoxify(tmp_path / "released", "bert-base-uncased")
+    assert get_scorer(f"detoxify:{tmp_path / 'released'}", batch_size=2)(texts) == pytest.approx(want, abs=1e-6)
+    with pytest.raises(ScorerError) as err:  # the file alone needs the hub (offline in tests)
+        get_scorer(f"detoxify:{tmp_path / 'released' / 'tiny.ckpt'}")
+    assert "detoxify:/path/to/dir" in err.value.hint
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ScorerError, match="holds 0 .ckpt files"):
+        get_scorer(f"detoxify:{tmp_path / 'empty'}")
 
 
 def test_hf_scorer_on_local_classifier(tmp_path):

@@ -31,7 +31,7 @@ def assert_close(a, b, rtol=1e-5):
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 5])
-@pytest.mark.parametrize("path", ["vmap", "loop"])
+@pytest.mark.parametrize("path", ["hooks", "vmap", "loop"])
 def test_empirical_fisher_equals_batch1_loop(batch_size, path):
     model = make_gpt2()
     fisher, info = diagonal_fisher(model, EXAMPLES, estimator="empirical", batch_size=batch_size, path=path,
@@ -102,13 +102,21 @@ def test_vmap_path_is_used_when_the_config_has_a_pad_token():
     assert_close(fisher, reference_loop(model, EXAMPLES, lambda i, ex: torch.tensor(ex[1:])))
 
 
-def test_auto_path_uses_the_loop_when_per_example_gradients_exceed_the_budget(monkeypatch):
+def test_auto_path_takes_hooks_then_vmap_within_its_budget_then_the_loop(monkeypatch):
     import unmerge.stats.fisher as fisher_module
+    from unmerge.stats.fisher_hooks import HookPlan, HooksUnsupported
 
     model = make_gpt2()
+    _, info = diagonal_fisher(model, EXAMPLES, estimator="empirical", batch_size=2, path="auto", progress=False)
+    assert info["path"] == "hooks" and "fallback" not in info
+
+    def unsupported(*args):
+        raise HooksUnsupported("test")
+
+    monkeypatch.setattr(HookPlan, "build", unsupported)
     monkeypatch.setattr(fisher_module, "VMAP_BUDGET_BYTES", 1)
     _, info = diagonal_fisher(model, EXAMPLES, estimator="empirical", batch_size=2, path="auto", progress=False)
-    assert info["path"] == "loop"
+    assert info["path"] == "loop" and info["fallback"] == "hooks: test"
     monkeypatch.setattr(fisher_module, "VMAP_BUDGET_BYTES", 1 << 40)
     _, info = diagonal_fisher(model, EXAMPLES, estimator="empirical", batch_size=2, path="auto", progress=False)
     assert info["path"] == "vmap"

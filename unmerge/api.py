@@ -13,16 +13,26 @@ from unmerge.stats import Statistic
 
 def run(recipe: str | Path | dict, *, out: str | Path | None = None, device: str = "auto", seed: int | None = None,
         cache_dir: str | Path | None = None, progress: bool = True) -> Path:
-    """Run an unlearning recipe end to end; returns the report bundle directory."""
-    from unmerge.workflow import UnlearningRun
+    """Run a recipe end to end (unlearning, or ``kind: merge`` multi-task merging); returns the report bundle."""
+    from unmerge.recipe import recipe_kind
 
-    return UnlearningRun(recipe, out=out, seed=seed, device=device, cache_dir=cache_dir, progress=progress).execute()
+    if recipe_kind(recipe) == "merge":
+        from unmerge.multitask.runner import MultiTaskRun as Run
+    else:
+        from unmerge.workflow import UnlearningRun as Run
+    return Run(recipe, out=out, seed=seed, device=device, cache_dir=cache_dir, progress=progress).execute()
 
 
 def plan(recipe: str | Path | dict, *, out: str | Path | None = None, seed: int | None = None,
          cache_dir: str | Path | None = None) -> str:
     """The recipe validated and its stages listed (cached or not), without computing or downloading anything."""
+    from unmerge.recipe import recipe_kind
     from unmerge.workflow import describe_plan
+
+    if recipe_kind(recipe) == "merge":
+        from unmerge.multitask.runner import MultiTaskRun
+
+        return MultiTaskRun(recipe, out=out, seed=seed, cache_dir=cache_dir, progress=False).describe()
 
     return describe_plan(recipe, out=out, seed=seed, cache_dir=cache_dir)
 
@@ -36,9 +46,10 @@ def finetune(model: str, data: Any, out: str | Path, *, device: str = "auto", pr
 
 
 def fisher(model: str, data: Any, out: str | Path, **options: Any) -> dict:
-    from unmerge.stats.compute import estimate_fisher
+    from unmerge.stats.compute import estimate_fisher, fisher_data
 
-    return estimate_fisher(model, load_texts(data), out, data_name=str(data), **options)
+    texts, labels = fisher_data(model, data, options.get("estimator", "sampled"))
+    return estimate_fisher(model, texts, out, data_name=str(data), labels=labels, **options)
 
 
 def subtract(base: str, forget: str, out: str | Path, *, method: str = "uncertainty_removal",
@@ -65,12 +76,18 @@ def merge(config: str | Path | dict, out: str | Path, **options: Any) -> MergeRe
     return _merge(config, out, **options)
 
 
-def evaluate(models: list[str], config: str | Path | dict, out: str | Path, *, device: str = "auto",
-             cache_dir: str | Path | None = None, progress: bool = True) -> Path:
-    """Evaluate models with an evaluation config; returns the report bundle directory."""
+def evaluate(models: str | list[str], config: str | Path | dict, out: str | Path | None = None, *,
+             device: str = "auto", cache_dir: str | Path | None = None, progress: bool = True):
+    """Evaluate models (directories, ``builtin:`` names, hub ids) with an evaluation config (path or dict); results
+    are cached by (model, protocol). Returns an :class:`~unmerge.evaluation.frames.EvaluationResult`: pandas
+    DataFrames ``records`` (per example) and ``summary`` (per metric), and ``bundle``, the report bundle directory
+    when ``out`` is given. ``records, summary = unmerge.evaluate(...)`` unpacks it."""
+    from unmerge.evaluation.frames import EvaluationResult
     from unmerge.workflow import evaluate_models
 
-    return evaluate_models(models, config, out, device=device, cache_dir=cache_dir, progress=progress)
+    rows, records, bundle = evaluate_models([models] if isinstance(models, str) else list(models), config, out,
+                                            device=device, cache_dir=cache_dir, progress=progress)
+    return EvaluationResult.from_rows(rows, records, bundle)
 
 
 def report(directory: str | Path, *, out: str | Path | None = None, selection: dict | None = None) -> Path:

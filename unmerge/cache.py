@@ -24,8 +24,7 @@ def default_cache_dir() -> Path:
 
 class StageCache:
     def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = Path(root)  # created by the first lock: a dry run writes nothing
 
     def path(self, stage: str, key: str, suffix: str = "") -> Path:
         return self.root / f"{stage}-{key}{suffix}"
@@ -35,6 +34,7 @@ class StageCache:
         """Exclusive lock for producing ``target`` (blocks while another process produces it). The kernel releases
         it when its holder dies, even by SIGKILL; the holder's half-written sibling then is removed here."""
         lock_file = target.with_name(f".{target.name}.lock")
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
         with open(lock_file, "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:

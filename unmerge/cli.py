@@ -64,7 +64,7 @@ def main() -> None:
 @quiet_option
 @friendly
 def run(recipe, out, device, seed, cache_dir, dry_run, threads, quiet):
-    """Run an unlearning RECIPE end to end and write its report bundle."""
+    """Run a RECIPE (unlearning, or `kind: merge` multi-task merging) end to end and write its report bundle."""
     from unmerge import api
 
     _logging(quiet)
@@ -89,19 +89,30 @@ def run(recipe, out, device, seed, cache_dir, dry_run, threads, quiet):
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--max-length", type=int, default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lora-r", type=int, help="train LoRA adapters of this rank and merge them into OUT (needs peft)")
+@click.option("--lora-alpha", type=float, help="LoRA alpha (scale alpha/r; default 16)")
+@click.option("--lora-dropout", type=float, help="LoRA dropout (default 0)")
+@click.option("--lora-target", "lora_targets", multiple=True,
+              help="module name to adapt (repeat; default: peft's choice for the architecture, c_attn for GPT-2)")
 @click.option("--overwrite", is_flag=True, help="replace OUT if unmerge wrote it before")
 @device_option
 @quiet_option
 @friendly
-def finetune(model, data, out, epochs, max_steps, learning_rate, batch_size, max_length, seed, overwrite, device,
-             quiet):
-    """Fine-tune MODEL on DATA (the forget set) into OUT, keeping AdamW's second moment in OUT/adam_v."""
+def finetune(model, data, out, epochs, max_steps, learning_rate, batch_size, max_length, seed, lora_r, lora_alpha,
+             lora_dropout, lora_targets, overwrite, device, quiet):
+    """Fine-tune MODEL on DATA (the forget set) into OUT, keeping AdamW's second moment in OUT/adam_v (with
+    --lora-r: LoRA adapters, merged into OUT, adapter in OUT/lora). Under `accelerate launch` --batch-size is the
+    global batch and only the main process writes."""
     from unmerge import api
 
     _logging(quiet)
+    lora = {k: v for k, v in {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout,
+                              "target_modules": list(lora_targets) or None}.items() if v is not None}
+    if lora and "r" not in lora:
+        raise click.UsageError("--lora-alpha/--lora-dropout/--lora-target need --lora-r")
     info = api.finetune(model, data, out, epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
                         batch_size=batch_size, max_length=max_length, seed=seed, device=device, progress=not quiet,
-                        overwrite=overwrite)
+                        overwrite=overwrite, lora=lora or None)
     click.echo(f"wrote {out}: {info['steps']} steps, final loss {info['train_loss']:.4f}")
 
 
@@ -111,7 +122,8 @@ def finetune(model, data, out, epochs, max_steps, learning_rate, batch_size, max
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--examples", type=int, help="use the first N examples (default: all)")
 @click.option("--estimator", type=click.Choice(["sampled", "empirical"]), default="sampled", show_default=True,
-              help="labels sampled from the model (true Fisher) or the observed tokens")
+              help="labels sampled from the model (true Fisher) or the observed tokens (a sequence classifier: the "
+                   "data file's label column)")
 @click.option("--level", type=click.Choice(["sequence", "token"]), default="sequence", show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--max-length", type=int, default=128, show_default=True)
@@ -203,8 +215,8 @@ def evaluate(models, config, out, cache_dir, device, quiet):
     from unmerge import api
 
     _logging(quiet)
-    bundle = api.evaluate(list(models), config, out, device=device, cache_dir=cache_dir, progress=not quiet)
-    click.echo(f"report: {bundle}")
+    result = api.evaluate(list(models), config, out, device=device, cache_dir=cache_dir, progress=not quiet)
+    click.echo(f"report: {result.bundle}")
 
 
 @main.command()
@@ -281,8 +293,9 @@ def bench() -> None:
 @click.option("--mergekit-bin", default=None, metavar="PATH",
               help="the mergekit-yaml executable (e.g. in its own virtualenv)  [default: mergekit-yaml on PATH]")
 @click.option("--device", default="cpu", show_default=True, help="device for unmerge's math (cpu, cuda, auto)")
+@click.option("--threads", type=int, help="torch CPU threads of every job (OMP_NUM_THREADS), mergekit's included")
 @friendly
-def bench_merge(size, n_models, methods, workdir, mergekit, mergekit_bin, device):
+def bench_merge(size, n_models, methods, workdir, mergekit, mergekit_bin, device, threads):
     """Streaming merge against the I/O floor (and mergekit): wall time, ratio, peak RSS and anonymous memory."""
     import pandas as pd
 
@@ -290,7 +303,7 @@ def bench_merge(size, n_models, methods, workdir, mergekit, mergekit_bin, device
     from unmerge.checkpoint.writer import parse_size
 
     rows = run_bench(Path(workdir), parse_size(size), n_models, tuple(m for m in methods.split(",") if m), mergekit,
-                     mergekit_bin, device)
+                     mergekit_bin, device, threads)
     with pd.option_context("display.max_colwidth", 120, "display.width", 200):
         click.echo(pd.DataFrame(rows).fillna("").to_string(index=False))
 
@@ -298,20 +311,25 @@ def bench_merge(size, n_models, methods, workdir, mergekit, mergekit_bin, device
 @bench.command("fisher")
 @click.option("--model", "model_name", type=click.Choice(["tiny", "gpt2-small"]), default="tiny", show_default=True,
               help="the builtin tiny-lm, or a random GPT-2 small configuration (124M parameters)")
-@click.option("--examples", type=int, default=64, show_default=True)
+@click.option("--examples", type=int, default=256, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--paths", default="loop,hooks,vmap", show_default=True,
+              help="comma-separated Fisher paths to time (the loop always runs: it is the reference)")
+@click.option("--level", type=click.Choice(["sequence", "token"]), default="sequence", show_default=True)
 @click.option("--threads", type=int, help="torch CPU threads")
 @friendly
-def bench_fisher(model_name, examples, batch_size, threads):
-    """Per-example Fisher: the vmap path against the batch-1 loop (examples/s, ratio, peak anonymous memory)."""
+def bench_fisher(model_name, examples, batch_size, paths, level, threads):
+    """Per-example Fisher: hooks and vmap paths against the batch-1 loop (examples/s, ratio, peak anonymous memory)."""
+    import pandas as pd
     import torch
 
     from unmerge.bench.paths import bench_fisher as run_bench
 
     if threads:
         torch.set_num_threads(threads)
-    for key, value in run_bench(model_name, examples, batch_size).items():
-        click.echo(f"{key:20s} {value}")
+    rows = run_bench(model_name, examples, batch_size, paths=tuple(p for p in paths.split(",") if p), level=level)
+    with pd.option_context("display.width", 200):
+        click.echo(pd.DataFrame(rows).to_string(index=False))
 
 
 @bench.command("generate")

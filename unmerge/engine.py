@@ -38,12 +38,13 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def checkpoint_hash(ckpt: Checkpoint) -> str:
-    """sha256 over the weight files of a checkpoint ('file sha' lines in order)."""
+    """sha256 over the weight files of a checkpoint ('file sha' lines in order); each file's sha256 is computed once
+    per file version (``sha256_file(cached=True)``)."""
     import hashlib
 
     digest = hashlib.sha256()
     for file in ckpt.files():
-        digest.update(f"{file.name} {sha256_file(file)}\n".encode())
+        digest.update(f"{file.name} {sha256_file(file, cached=True)}\n".encode())
     return digest.hexdigest()
 
 
@@ -456,12 +457,23 @@ def _copy_side_files(reference: Checkpoint, tokenizer_source: Checkpoint, out: P
 
 
 def _model_card(info: dict[str, Any]) -> str:
+    """README.md of a merge: method, formula, the config exactly as given (when merged from one), the resolved
+    parameters, the sha256 of every input (per checkpoint: sha256 of its ``<file> <sha256 of file>`` lines, in file
+    order; ``sha256sum`` gives the per-file digests), tied tensors and diagnostics."""
+    import yaml
+
     inputs = "\n".join(f"| `{path}` | `{digest}` |" for path, digest in info["inputs"].items())
     totals = json.dumps(info["totals"], indent=2) if info["totals"] else "{}"
+    given = (info.get("description") or {}).get("merge_config")
+    config = f"## Configuration (as given)\n```yaml\n{yaml.safe_dump(given, sort_keys=False)}```\n\n" if given else ""
+    tied = "".join(f"- `{head}` is tied to `{emb}` (stored once)\n" for head, emb in info.get("tied", {}).items())
+    tied = f"## Tied tensors\n{tied}\n" if tied else ""
     return (
         f"# Merged with unmerge: `{info['method']}`\n\n"
         f"Formula: `{info['formula']}`\n\n"
+        f"{config}"
         f"## Parameters\n```json\n{json.dumps(info['params'], indent=2, default=str)}\n```\n\n"
         f"## Inputs (sha256 of weight files)\n| input | sha256 |\n|---|---|\n{inputs}\n\n"
+        f"{tied}"
         f"## Diagnostics\n```json\n{totals}\n```\n\nDevice: {info['device']}; {info['seconds']} s.\n"
     )

@@ -14,14 +14,23 @@ ANY = object()
 
 # section -> key -> default (ANY: required or free-form). Nested dicts are sections of their own.
 SCHEMA: dict[str, Any] = {
+    "kind": "unlearning",  # or "merge": a multi-task merging recipe (unmerge/multitask/runner.py, its own schema)
     "name": "run",
     "description": "",
     "seed": 0,
     "base_model": ANY,
     "oracle_model": None,
+    # optional: train the base (pretrain:base) and its retrain oracle (pretrain:oracle) from scratch;
+    # None = the defaults of unmerge.train.pretrain.PretrainConfig (see unmerge/pretrain_stage.py)
+    "pretrain": {"data": ANY, "forget": "forget", "vocab_size": None, "model": None, "steps": None,
+                 "batch_size": None, "learning_rate": None, "warmup": None, "min_lr_ratio": None,
+                 "weight_decay": None, "grad_clip": None, "seed": None},
     "data": {"forget": ANY, "retain": ANY, "forget_limit": None, "retain_limit": None, "synthetic": False},
     "finetune": {"epochs": 2.0, "max_steps": -1, "learning_rate": 5e-4, "batch_size": 16, "max_length": 128,
-                 "weight_decay": 0.0, "warmup": 0.0},
+                 "weight_decay": 0.0, "warmup": 0.0,
+                 # opt-in: train peft LoRA adapters and merge them into the forget model (unmerge/train/lora.py);
+                 # target_modules None = peft's default for the architecture (GPT-2: c_attn)
+                 "lora": {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": None}},
     "fisher": {
         "base": {"data": "retain", "examples": 300, "estimator": "sampled", "level": "sequence", "batch_size": 16,
                  "max_length": 128, "n": None},
@@ -38,6 +47,8 @@ SCHEMA: dict[str, Any] = {
                        "batch_size": 16, "separator": None},
         "accuracy": {"task": "builtin:cloze", "limit": None},
         "forget_quality": {"holdout": None, "members": 500, "k": 20, "separator": None},
+        "lm_eval": {"tasks": ANY, "num_fewshot": None, "limit": None, "include_path": None, "include_defaults": True,
+                    "batch_size": 16, "max_length": None, "bootstrap_iters": 1000, "log_samples": True},
     },
     "select": {"minimize": "toxicity.mean", "maximize": None, "subject_to": "perplexity <= 1.05 * base"},
     "report": {"dir": None, "title": None, "tradeoff_y": "toxicity.mean", "tradeoff_x": "perplexity",
@@ -45,7 +56,8 @@ SCHEMA: dict[str, Any] = {
 }
 FREE_FORM = {("removal", "params"), ("removal", "alphas")}
 OPTIONAL_SECTIONS = {("evaluate", "toxicity"), ("evaluate", "perplexity"), ("evaluate", "accuracy"),
-                     ("evaluate", "forget_quality")}
+                     ("evaluate", "forget_quality"), ("evaluate", "lm_eval"), ("pretrain",), ("finetune", "lora")}
+OPT_IN_SECTIONS = {("evaluate", "lm_eval"), ("finetune", "lora")}  # run only when the recipe names them (the others run by default)
 
 
 def load_yaml_data(path: Path, what: str) -> Any:
@@ -57,6 +69,18 @@ def load_yaml_data(path: Path, what: str) -> Any:
     except yaml.YAMLError as exc:
         raise RecipeError(f"{what} '{path}' is not valid YAML (tags that construct objects are refused): {exc}",
                           "it is plain data: mappings, lists, strings and numbers") from None
+
+
+RECIPE_KINDS = ("unlearning", "merge")
+
+
+def recipe_kind(source: str | Path | dict) -> str:
+    """The ``kind`` of a recipe (default ``unlearning``), read before its schema is checked: each kind has its own."""
+    given = source if isinstance(source, dict) else load_yaml_data(Path(source), "recipe")
+    kind = given.get("kind", "unlearning") if isinstance(given, dict) else "unlearning"
+    if kind not in RECIPE_KINDS:
+        raise RecipeError(f"unknown recipe kind '{kind}'", did_you_mean(str(kind), RECIPE_KINDS))
+    return kind
 
 
 def load_recipe(source: str | Path | dict) -> dict[str, Any]:
@@ -112,6 +136,8 @@ def _fill(given: dict, schema: dict, path: tuple[str, ...]) -> dict:
         if isinstance(sub, dict) and here not in FREE_FORM:
             if here in OPTIONAL_SECTIONS and given and given.get(key) is None:
                 continue  # a given `evaluate:` runs only the protocols it names
+            if here in OPT_IN_SECTIONS and not (given and given.get(key) is not None):
+                continue
             out[key] = _fill(given.get(key) or {}, sub, here)
         elif key in given:
             out[key] = copy.deepcopy(given[key])

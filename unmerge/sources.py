@@ -1,12 +1,13 @@
 """Data references in recipes and on the command line: ``builtin:NAME``, a local file (.txt one example per line,
-.jsonl/.json/.csv with a text column), or a Hugging Face dataset ``{dataset, split, column, config}``."""
+.jsonl/.json/.csv with a text column), a document corpus ``{corpus: bbcnews, split, where, unit}``
+(:mod:`unmerge.data.corpora`), or a Hugging Face dataset ``{dataset, split, column, config}``."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
 
-from unmerge.errors import DataError
+from unmerge.errors import DataError, did_you_mean
 
 TEXT_COLUMNS = ("text", "content", "sentence", "comment_text")
 
@@ -35,8 +36,46 @@ def load_texts(spec: str | dict[str, Any], limit: int | None = None) -> list[str
     return texts[:limit] if limit else texts
 
 
-def load_items(spec: str) -> list[dict]:
-    """Multiple-choice items ({prompt, choices, label}) from ``builtin:NAME`` or a .jsonl file."""
+def load_labelled(spec: str | dict[str, Any], label_column: str = "label") -> tuple[list[str], list[int]]:
+    """(texts, integer labels) of a local .jsonl / .json / .csv file with a text column and ``label_column``
+    (a path, or ``{path, column, label_column}``); rows with a blank text are dropped, as ``load_texts`` does."""
+    if isinstance(spec, dict):
+        path, column = Path(spec.get("path", "")), spec.get("column")
+        label_column = spec.get("label_column", label_column)
+    else:
+        path, column = Path(str(spec)), None
+    suffix = path.suffix.lower()
+    if not path.is_file() or suffix not in (".jsonl", ".json", ".csv"):
+        raise DataError(f"labelled data '{spec}' is not a .jsonl, .json or .csv file",
+                        f"give a file with a text column and a '{label_column}' column")
+    if suffix == ".csv":
+        import pandas as pd
+
+        rows = pd.read_csv(path).to_dict("records")
+    elif suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        rows = data if isinstance(data, list) else [data]
+    texts = _column(rows, column, str(path))
+    missing = [i for i, r in enumerate(rows) if label_column not in r]
+    if missing:
+        raise DataError(f"'{path}' row {missing[0] + 1} has no '{label_column}' column",
+                        "give every row an integer class label")
+    kept = [(t, int(r[label_column])) for t, r in zip(texts, rows) if t.strip()]
+    if not kept:
+        raise DataError(f"the dataset '{spec}' is empty", "give at least one non-blank example")
+    return [t for t, _ in kept], [y for _, y in kept]
+
+
+def load_items(spec: str | dict[str, Any]) -> list[dict]:
+    """Multiple-choice items ({prompt, choices, label}) from ``builtin:NAME``, a .jsonl file of items, or any
+    labelled dataset with a template and verbalizers (a mapping; see :func:`unmerge.evaluation.tasks.labelled_items`).
+    """
+    if isinstance(spec, dict):
+        from unmerge.evaluation.tasks import labelled_items
+
+        return labelled_items(load_rows(spec), spec)
     if spec.startswith("builtin:"):
         from unmerge.data.builtin import load_items as builtin_items
 
@@ -64,22 +103,40 @@ def _load_string(spec: str) -> list[str]:
 
 
 def _load_file(path: Path, column: str | None) -> list[str]:
-    suffix = path.suffix.lower()
-    if suffix in (".txt", ".text"):
+    if path.suffix.lower() in (".txt", ".text"):
         return path.read_text(encoding="utf-8").splitlines()
+    rows = _file_rows(path)
+    if all(isinstance(x, str) for x in rows):  # a .json list of strings
+        return rows
+    return _column(rows, column, str(path))
+
+
+def _file_rows(path: Path) -> list[Any]:
+    """The records of a .jsonl, .json (a list, or one record) or .csv file."""
+    suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return _column(rows, column, str(path))
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, list) and all(isinstance(x, str) for x in data):
-            return data
-        return _column(data if isinstance(data, list) else [data], column, str(path))
+        return data if isinstance(data, list) else [data]
     if suffix == ".csv":
         import pandas as pd
 
-        return _column(pd.read_csv(path).to_dict("records"), column, str(path))
+        return pd.read_csv(path).to_dict("records")
     raise DataError(f"cannot read '{path}': unknown file type '{suffix}'", "use .txt, .jsonl, .json or .csv")
+
+
+def load_rows(spec: dict[str, Any]) -> list[dict]:
+    """The records of a labelled data reference: ``{path: FILE}`` (.jsonl/.json/.csv) or ``{dataset, split,
+    config, where}``."""
+    if "path" in spec:
+        path = Path(spec["path"])
+        if not path.exists():
+            raise DataError(f"data file '{path}' does not exist")
+        return _file_rows(path)
+    if "dataset" not in spec:
+        raise DataError(f"labelled data reference {spec!r} names no 'path' or 'dataset'")
+    return _dataset_rows(spec)
 
 
 def _load_mapping(spec: dict[str, Any]) -> list[str]:
@@ -88,8 +145,16 @@ def _load_mapping(spec: dict[str, Any]) -> list[str]:
         if not path.exists():
             raise DataError(f"data file '{path}' does not exist")
         return _load_file(path, spec.get("column"))
+    if "corpus" in spec:  # a document corpus from an optional package (unmerge/data/corpora.py)
+        from unmerge.data.corpora import load_corpus
+
+        return load_corpus(spec)
     if "dataset" not in spec:
-        raise DataError(f"data reference {spec!r} names no 'path' or 'dataset'")
+        raise DataError(f"data reference {spec!r} names no 'path', 'corpus' or 'dataset'")
+    return _column(_dataset_rows(spec), spec.get("column"), spec["dataset"])
+
+
+def _dataset_rows(spec: dict[str, Any]) -> list[dict]:
     import os
 
     from datasets import load_dataset
@@ -105,13 +170,17 @@ def _load_mapping(spec: dict[str, Any]) -> list[str]:
         raise DataError(f"cannot load dataset '{name}': {exc}", hint) from exc
     for column, rule in (spec.get("where") or {}).items():
         ds = ds.filter(lambda row: _matches(row[column], rule))
-    return _column(ds.to_list(), spec.get("column"), name)
+    return ds.to_list()
 
 
 def _matches(value: Any, rule: Any) -> bool:
-    """``where: {toxicity: {gt: 0.8}}`` style filters (gt, ge, lt, le, eq)."""
+    """``where: {toxicity: {gt: 0.8}}`` style filters (gt, ge, lt, le, eq, ne, in: a list)."""
     if not isinstance(rule, dict):
         return value == rule
     ops = {"gt": lambda a, b: a > b, "ge": lambda a, b: a >= b, "lt": lambda a, b: a < b,
-           "le": lambda a, b: a <= b, "eq": lambda a, b: a == b}
+           "le": lambda a, b: a <= b, "eq": lambda a, b: a == b, "ne": lambda a, b: a != b,
+           "in": lambda a, b: a in b}
+    unknown = [op for op in rule if op not in ops]
+    if unknown:
+        raise DataError(f"unknown filter '{unknown[0]}' in {rule!r}", did_you_mean(str(unknown[0]), ops))
     return all(ops[op](value, bound) for op, bound in rule.items())

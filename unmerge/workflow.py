@@ -8,6 +8,7 @@ an interrupted run re-run with the same recipe resumes after the last completed 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -21,12 +22,14 @@ from unmerge import __version__
 from unmerge.cache import StageCache, default_cache_dir, stage_key
 from unmerge.checkpoint import Checkpoint, sha256_file, write_json_atomic
 from unmerge.checkpoint.writer import check_output_location
+from unmerge.data.builtin import builtin_model_status, builtin_model_version
 from unmerge.engine import checkpoint_hash, merge_checkpoints, resolve_device
 from unmerge.errors import RecipeError, did_you_mean
 from unmerge.methods import get_method
 from unmerge.methods.params import ParamPlan
 from unmerge.methods.removal import REMOVAL_METHODS
 from unmerge.models import load_causal_lm, resolve_model
+from unmerge.pretrain_stage import PretrainPlan, is_pretrain_ref
 from unmerge.recipe import load_recipe, load_yaml_data, resolve_recipe
 from unmerge.report.selection import parse_rule
 from unmerge.sources import load_items, load_texts
@@ -40,15 +43,34 @@ log = logging.getLogger(__name__)
 
 def source_key(spec: Any) -> str:
     """A cheap identity for a data or model reference: builtin name + version, local file/dir hash, or hub id."""
+    if isinstance(spec, dict) and "corpus" in spec:  # a corpus from an optional package: reference + version
+        from unmerge.data.corpora import corpus_key
+
+        return corpus_key(spec)
     text = json.dumps(spec, sort_keys=True) if isinstance(spec, dict) else str(spec)
     if text.startswith("builtin:"):
-        return f"{text}@unmerge-{__version__}"
+        return f"{text}@unmerge-{__version__}{builtin_model_version(text)}"
     path = Path(text)
     if path.is_file():
-        return f"{path.name}:{sha256_file(path)}"
+        return f"{path.name}:{sha256_file(path, cached=True)}"
     if path.is_dir():
         return f"{path.name}:{checkpoint_hash(Checkpoint(path))}"
     return text
+
+
+def execute_steps(cache: StageCache, steps: list[PlanStep], timings: dict[str, float]) -> None:
+    """Run each step whose output is not in the cache, under the output's lock; seconds per stage into ``timings``
+    (0 for a stage that came entirely from the cache)."""
+    for step in steps:
+        with cache.lock(step.output):
+            if step.cached:
+                log.info("%s: cached (%s)", step.what, step.output.name)
+                timings.setdefault(step.stage, 0.0)
+                continue
+            log.info("%s ...", step.what)
+            start = time.perf_counter()
+            step.run()
+            timings[step.stage] = timings.get(step.stage, 0.0) + time.perf_counter() - start
 
 
 @dataclass
@@ -101,10 +123,17 @@ class UnlearningRun:
         self.timings: dict[str, float] = {}
         self.inputs: dict[str, str] = {}
         self._texts: dict[str, list[str]] = {}
+        self.pretrain = PretrainPlan(self) if self.recipe.get("pretrain") else None
         self._validate()
 
     # -- validation ------------------------------------------------------------------------------------------
     def _validate(self) -> None:
+        for ref in (self.recipe["base_model"], self.recipe["oracle_model"]):
+            if is_pretrain_ref(ref):
+                if self.pretrain is None:
+                    raise RecipeError(f"model '{ref}' needs a 'pretrain:' section in the recipe",
+                                      "add pretrain: {data: ...} or name an existing model")
+                self.pretrain.role(ref)
         removal = self.recipe["removal"]
         for name in removal["methods"]:
             method = get_method(name)
@@ -120,6 +149,10 @@ class UnlearningRun:
                 ParamPlan.build(get_method(name), {**removal["params"].get(name, {}), "alpha": alpha}, [{}])
         if self.selection_rule():
             parse_rule(self.selection_rule())  # a selection rule is data: one that tries to run code is refused now
+        if self.recipe["finetune"].get("lora") is not None:
+            from unmerge.train.lora import lora_settings
+
+            lora_settings(self.recipe["finetune"]["lora"])
         for side in ("base", "forget"):
             est = self.recipe["fisher"][side]["estimator"]
             if est not in ("sampled", "empirical"):
@@ -154,11 +187,19 @@ class UnlearningRun:
             return source_key(data[ref]) + f"|limit={data.get(f'{ref}_limit')}"
         return source_key(ref)
 
+    def model_key(self, ref: Any) -> str:
+        """Identity of a model reference: the stage key of a ``pretrain:`` model, else :func:`source_key`."""
+        return self.pretrain.key(ref) if is_pretrain_ref(ref) and self.pretrain else source_key(ref)
+
+    def model_dir(self, ref: Any) -> Path:
+        """Local directory of a model reference (a ``pretrain:`` model's cache stage, or a resolved model)."""
+        return self.pretrain.path(ref) if is_pretrain_ref(ref) and self.pretrain else resolve_model(ref)
+
     # -- the plan --------------------------------------------------------------------------------------------
     def plan(self) -> list[PlanStep]:
         r = self.recipe
         seed = r["seed"]
-        base_id = source_key(r["base_model"])
+        base_id = self.model_key(r["base_model"])
         ft_spec = {"base": base_id, "data": self.data_key("forget"), "cfg": r["finetune"], "seed": seed}
         ft_key = stage_key("finetune", ft_spec)
         ft_dir = self.cache.path("finetune", ft_key)
@@ -177,10 +218,12 @@ class UnlearningRun:
             PlanStep("fisher:forget", f"Fisher of the forget model on {r['fisher']['forget']['data']}", ff_dir,
                      lambda: self._fisher(ft_dir, "forget", ff_dir)),
         ]
+        if self.pretrain:
+            steps[:0] = self.pretrain.steps()
         self.candidates = [Candidate("base", Path(), key=base_id, source=r["base_model"]),
                            Candidate("forget", ft_dir, key=ft_key)]
         if r["oracle_model"]:
-            self.candidates.append(Candidate("oracle", Path(), key=source_key(r["oracle_model"]),
+            self.candidates.append(Candidate("oracle", Path(), key=self.model_key(r["oracle_model"]),
                                              source=r["oracle_model"]))
         for method in r["removal"]["methods"]:
             name = get_method(method).name
@@ -194,17 +237,35 @@ class UnlearningRun:
                                       lambda c=cand, p=params, n=name: self._merge(c, n, p, ft_dir, fb_dir, ff_dir)))
         return steps + [self.eval_step(cand) for cand in self.candidates]
 
-    def eval_step(self, cand: Candidate) -> PlanStep:
-        """Evaluation of one model, cached by (model key, protocols, data, seed)."""
+    def protocol_key(self, cand: Candidate, name: str) -> str:
+        """Cache key of one protocol's results on one model: (model key, protocol config, the keys of its data,
+        seed); so a config that adds a protocol computes only that one."""
         r = self.recipe
-        spec = {"model": cand.key, "evaluate": r["evaluate"], "seed": r["seed"],
-                "data": {k: self.data_key(k) for k in ("forget", "retain") if r["data"].get(k)}}
+        cfg = r["evaluate"][name]
+        data = {k: self.data_key(v) for k, v in cfg.items() if k in ("prompts", "data", "task", "holdout") and v}
+        if name == "forget_quality":
+            data.update({k: self.data_key(k) for k in ("forget", "retain") if r["data"].get(k)})
+        if name == "lm_eval":
+            from unmerge.checkpoint.hashing import tree_sha256
+            from unmerge.evaluation.harness import lm_eval_version
+
+            paths = cfg["include_path"] if isinstance(cfg["include_path"], list) else [cfg["include_path"]]
+            data = {"include_path": [tree_sha256(p) for p in paths if p], "lm_eval": lm_eval_version()}
+        return stage_key("eval", {"model": cand.key, "protocol": name, "config": cfg, "data": data,
+                                  "seed": r["seed"]})
+
+    def eval_step(self, cand: Candidate) -> PlanStep:
+        """Evaluation of one model: each protocol cached on its own (:meth:`protocol_key`); the step's output
+        gathers them under the candidate's name."""
+        parts = {name: self.cache.path("evalpart", self.protocol_key(cand, name), ".json")
+                 for name in self.recipe["evaluate"]}
+        spec = {"candidate": cand.name, "parts": [p.name for p in parts.values()]}
         out = self.cache.path("eval", stage_key("eval", spec), ".json")
-        return PlanStep("evaluate", f"evaluate {cand.name}", out, lambda: self._evaluate(cand, out))
+        return PlanStep("evaluate", f"evaluate {cand.name}", out, lambda: self._evaluate(cand, out, parts))
 
     # -- stage bodies ----------------------------------------------------------------------------------------
     def base_dir(self) -> Path:
-        return resolve_model(self.recipe["base_model"])
+        return self.model_dir(self.recipe["base_model"])
 
     def _finetune(self, out: Path) -> None:
         cfg = {k: v for k, v in self.recipe["finetune"].items()}
@@ -226,7 +287,7 @@ class UnlearningRun:
                           description={"candidate": cand.name})
 
     def _model_dir(self, cand: Candidate) -> Path:
-        return resolve_model(cand.source) if cand.source else cand.path
+        return self.model_dir(cand.source) if cand.source else cand.path
 
     def evaluation_data(self) -> dict[str, Any]:
         ev = self.recipe["evaluate"]
@@ -251,16 +312,31 @@ class UnlearningRun:
         keep = {"toxicity": ("scorer", "samples_per_prompt", "max_new_tokens", "do_sample", "top_p", "top_k",
                              "temperature", "seed", "batch_size"),
                 "perplexity": ("max_length", "stride", "batch_size", "separator"), "accuracy": (),
-                "forget_quality": ("k", "separator")}
+                "forget_quality": ("k", "separator"), "lm_eval": tuple(ev.get("lm_eval", ()))}
         return {name: {k: v for k, v in ev[name].items() if k in keep[name]} for name in ev}
 
-    def _evaluate(self, cand: Candidate, out: Path) -> None:
-        from unmerge.evaluation import evaluate_model
+    def _evaluate(self, cand: Candidate, out: Path, parts: dict[str, Path]) -> None:
+        """Run, in one call, the protocols whose results are not cached yet (the model is loaded only if one is
+        missing); each protocol's rows and records are cached in its own part file."""
+        from unmerge import evaluation
 
-        model, tokenizer = load_causal_lm(self._model_dir(cand), device=str(resolve_device(self.device)))
-        rows, records = evaluate_model(model, tokenizer, self.protocols(), self.evaluation_data(),
-                                       seed=self.recipe["seed"], progress=self.progress)
-        write_json_atomic(out, {"candidate": cand.name, "rows": rows, "records": records})
+        with contextlib.ExitStack() as locks:
+            for part in parts.values():  # (always in the schema's protocol order: no lock-order inversion)
+                locks.enter_context(self.cache.lock(part))
+            missing = [name for name, part in parts.items() if not part.exists()]
+            if missing:
+                model, tokenizer = load_causal_lm(self._model_dir(cand), device=str(resolve_device(self.device)))
+                protocols = self.protocols()
+                rows, records = evaluation.evaluate_model(model, tokenizer, {n: protocols[n] for n in missing},
+                                                          self.evaluation_data(), seed=self.recipe["seed"],
+                                                          progress=self.progress)
+                for name in missing:
+                    write_json_atomic(parts[name], {"protocol": name,
+                                                    "rows": [r for r in rows if r["protocol"] == name],
+                                                    "records": [r for r in records if r["protocol"] == name]})
+            results = [json.loads(part.read_text()) for part in parts.values()]
+        write_json_atomic(out, {"candidate": cand.name, "rows": [r for res in results for r in res["rows"]],
+                                "records": [r for res in results for r in res["records"]]})
 
     # -- execution -------------------------------------------------------------------------------------------
     def _preflight(self) -> None:
@@ -268,14 +344,21 @@ class UnlearningRun:
         with its text column) and the report directory may be written. The data fingerprints enter ``inputs`` here,
         in a fixed order, so the report is the same whether stages ran or came from the cache."""
         r = self.recipe
-        models = [self.base_dir()] + ([resolve_model(r["oracle_model"])] if r["oracle_model"] else [])
-        for ref in ("forget", "retain", r["fisher"]["base"]["data"], r["fisher"]["forget"]["data"]):
+        models = [self.model_dir(m) for m in (r["base_model"], r["oracle_model"]) if m and not is_pretrain_ref(m)]
+        pretrain_data = [r["pretrain"]["data"], r["pretrain"]["forget"]] if self.pretrain else []
+        for ref in ("forget", "retain", r["fisher"]["base"]["data"], r["fisher"]["forget"]["data"], *pretrain_data):
             self.texts(ref)
         self.evaluation_data()
         check_output_location(self.out, models, overwrite=self.overwrite)
 
     def execute(self) -> Path:
         """Run every stage that is not cached, then write the report bundle; returns the bundle directory."""
+        from unmerge.stats.distributed import world_size
+
+        if world_size() > 1:  # every process would take the stage locks in turn and wait for the others forever
+            raise RecipeError("`unmerge run` runs in one process; it was launched on several",
+                              "launch `unmerge finetune`, `unmerge fisher` or `unmerge stats` with accelerate, "
+                              "then run the recipe in one process")
         torch.manual_seed(self.recipe["seed"])
         self._preflight()
         steps = self.plan()
@@ -283,20 +366,10 @@ class UnlearningRun:
         return self.write_report(steps)
 
     def execute_steps(self, steps: list[PlanStep]) -> None:
-        for step in steps:
-            with self.cache.lock(step.output):
-                if step.cached:
-                    log.info("%s: cached (%s)", step.what, step.output.name)
-                    self.timings.setdefault(step.stage, 0.0)
-                    continue
-                log.info("%s ...", step.what)
-                start = time.perf_counter()
-                step.run()
-                self.timings[step.stage] = self.timings.get(step.stage, 0.0) + time.perf_counter() - start
+        execute_steps(self.cache, steps, self.timings)
 
-    def write_report(self, steps: list[PlanStep], base_candidate: str = "base") -> Path:
-        from unmerge.report import write_bundle
-
+    def results(self, steps: list[PlanStep]) -> tuple[list[dict], list[dict], dict[str, dict]]:
+        """(summary rows, records, guard totals) of every candidate, from the evaluation steps' outputs."""
         evals = {json.loads(s.output.read_text())["candidate"]: json.loads(s.output.read_text())
                  for s in steps if s.stage == "evaluate"}
         rows, records, guard = [], [], {}
@@ -308,6 +381,12 @@ class UnlearningRun:
             if cand.method:
                 info = json.loads((cand.path / "merge_info.json").read_text())
                 guard[cand.name] = {"method": cand.method, "alpha": cand.alpha, **info["totals"]}
+        return rows, records, guard
+
+    def write_report(self, steps: list[PlanStep], base_candidate: str = "base") -> Path:
+        from unmerge.report import write_bundle
+
+        rows, records, guard = self.results(steps)
         for cand in self.candidates:
             if cand.reference:
                 self.inputs[f"model:{cand.name}"] = checkpoint_hash(Checkpoint(self._model_dir(cand)))
@@ -329,7 +408,7 @@ class UnlearningRun:
             "caveats": self.caveats(),
             "base_candidate": base_candidate,
             "protocol": {"evaluate": r["evaluate"], "fisher": r["fisher"], "finetune": r["finetune"],
-                         "removal": r["removal"]},
+                         "removal": r["removal"], **({"pretrain": r["pretrain"]} if self.pretrain else {})},
             "tradeoff": {"x": r["report"]["tradeoff_x"], "y": r["report"]["tradeoff_y"]},
             "compress_samples": r["report"]["compress_samples"],
         }
@@ -351,7 +430,7 @@ class UnlearningRun:
 def _size(ref: Any) -> str:
     """Example count of a local or builtin data reference; hub datasets are not loaded by a dry run."""
     text = ref if isinstance(ref, str) else None
-    if isinstance(ref, dict) and "path" not in ref:
+    if isinstance(ref, dict) and "path" not in ref and "corpus" not in ref:
         return "hub dataset, not loaded"
     if text and not text.startswith("builtin:") and not Path(text).exists():
         return "hub dataset, not loaded"
@@ -361,16 +440,46 @@ def _size(ref: Any) -> str:
         return f"unreadable: {exc}"
 
 
+def _model_status(ref: Any) -> str:
+    """`` (ready / not installed ...)`` of a model reference for a dry run; loads, converts and downloads nothing."""
+    text = str(ref)
+    if text.startswith("builtin:"):
+        return f" ({builtin_model_status(ref)})"
+    if is_pretrain_ref(ref):
+        return " (trained by the recipe's pretrain stage)"
+    if Path(text).is_dir():
+        return " (local directory)"
+    return " (hub model, not loaded)"
+
+
+def _finetune_line(cfg: dict[str, Any]) -> str:
+    """The fine-tune settings of a dry run, LoRA included."""
+    length = f"{cfg['max_steps']} steps" if cfg["max_steps"] and cfg["max_steps"] > 0 else f"{cfg['epochs']:g} epochs"
+    line = (f"finetune: {length}, global batch {cfg['batch_size']}, lr {cfg['learning_rate']:g}, "
+            f"max_length {cfg['max_length']}")
+    if cfg.get("lora") is not None:
+        lora = cfg["lora"]
+        targets = ", ".join(lora["target_modules"]) if lora["target_modules"] else "peft's default modules"
+        line += (f"; LoRA r={lora['r']} alpha={lora['alpha']:g} dropout={lora['dropout']:g} on {targets}, merged "
+                 "into the forget model")
+    return line
+
+
 def describe_plan(recipe: str | Path | dict, *, out: str | Path | None = None, seed: int | None = None,
                   cache_dir: str | Path | None = None) -> str:
     """A dry run: validate the recipe and list its stages (cached or not), models and data with sizes."""
     run = UnlearningRun(recipe, out=out, seed=seed, cache_dir=cache_dir, progress=False)
     r = run.recipe
-    lines = [f"recipe '{r['name']}' is valid; report -> {run.out}", f"base model: {r['base_model']}"]
+    lines = [f"recipe '{r['name']}' is valid; report -> {run.out}",
+             f"base model: {r['base_model']}{_model_status(r['base_model'])}"]
     if r["oracle_model"]:
-        lines.append(f"oracle model: {r['oracle_model']}")
+        lines.append(f"oracle model: {r['oracle_model']}{_model_status(r['oracle_model'])}")
+    if r.get("pretrain"):
+        lines.append(f"pretrain.data: {r['pretrain']['data']} ({_size(r['pretrain']['data'])}); base and oracle "
+                     f"are trained from scratch by the recipe")
     for side in ("forget", "retain"):
         lines.append(f"data.{side}: {r['data'][side]} ({_size(r['data'][side])})")
+    lines.append(_finetune_line(r["finetune"]))
     for name, cfg in r["evaluate"].items():
         ref = cfg.get("prompts") or cfg.get("data") or cfg.get("task") or cfg.get("holdout")
         lines.append(f"evaluate.{name}: {ref or '-'}" + (f" ({_size(ref)})" if ref and name != "accuracy" else ""))
@@ -384,11 +493,13 @@ def describe_plan(recipe: str | Path | dict, *, out: str | Path | None = None, s
 EVALUATE_CONFIG_KEYS = ("seed", "data", "evaluate", "select", "report")
 
 
-def evaluate_models(models: list[str], config: str | Path | dict, out: str | Path, *, device: str = "auto",
-                    cache_dir: str | Path | None = None, progress: bool = True) -> Path:
+def evaluate_models(models: list[str], config: str | Path | dict, out: str | Path | None = None, *,
+                    device: str = "auto", cache_dir: str | Path | None = None,
+                    progress: bool = True) -> tuple[list[dict], list[dict], Path | None]:
     """Evaluate any models with the protocols of an evaluation config (the recipe's ``evaluate`` section, plus
     optional ``seed``, ``data: {forget, retain}`` for forget quality, ``select`` and ``report``); results are cached
-    by (model, protocol), so a re-run computes only what is new. Writes a report bundle to ``out``."""
+    by (model, protocol), so a re-run computes only what is new. Returns ``(summary rows, records, bundle)``: the
+    report bundle is written to ``out`` when given (else None)."""
     given = dict(config) if isinstance(config, dict) else (load_yaml_data(Path(config), "evaluation config") or {})
     for key in given:
         if key not in EVALUATE_CONFIG_KEYS:
@@ -406,4 +517,5 @@ def evaluate_models(models: list[str], config: str | Path | dict, out: str | Pat
     run.candidates = [Candidate(name, Path(), key=source_key(spec), source=spec) for name, spec in zip(names, models)]
     steps = [run.eval_step(cand) for cand in run.candidates]
     run.execute_steps(steps)
-    return run.write_report(steps, base_candidate=names[0])
+    rows, records, _ = run.results(steps)
+    return rows, records, (run.write_report(steps, base_candidate=names[0]) if out is not None else None)

@@ -1,5 +1,6 @@
-"""Side-by-side timings of two code paths in one process: wall time and the peak anonymous memory (``RssAnon``)
-sampled while each runs."""
+"""Side-by-side timings of two code paths in one process: wall time, CPU time of the calling thread (what the path
+cost, whatever else loads the machine; torch ops with one intra-op thread run on it) and the peak anonymous memory
+(``RssAnon``) sampled while each runs."""
 from __future__ import annotations
 
 import threading
@@ -21,10 +22,11 @@ class Timed:
     seconds: float
     peak_anon_mb: float
     result: Any
+    cpu_seconds: float = 0.0
 
 
 def timed(fn: Callable[[], Any], interval: float = 0.01) -> Timed:
-    """Run ``fn`` once; its wall time and the peak RssAnon seen while it ran."""
+    """Run ``fn`` once; its wall time, thread CPU time and the peak RssAnon seen while it ran."""
     peak = [_rss_anon_mb()]
     done = threading.Event()
 
@@ -35,11 +37,11 @@ def timed(fn: Callable[[], Any], interval: float = 0.01) -> Timed:
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.thread_time()
     try:
         result = fn()
     finally:
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.thread_time() - cpu_start
         done.set()
         thread.join()
-    return Timed(seconds, peak[0], result)
+    return Timed(seconds, peak[0], result, cpu_seconds)

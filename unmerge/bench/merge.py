@@ -137,10 +137,18 @@ def _settle() -> float:
 
 def bench_merge(workdir: Path, size_bytes: int, n_models: int = 3, methods: tuple[str, ...] = ("task_arithmetic",
                 "ties"), with_mergekit: bool = True, mergekit_bin: str | None = None,
-                device: str = "cpu") -> list[dict]:
+                device: str = "cpu", threads: int | None = None) -> list[dict]:
     """Figures for each job: seconds, ratio to the I/O floor, peak RSS and peak anonymous memory (MB), and for
-    mergekit jobs the ratio of mergekit's time to ours and the largest difference between the two outputs."""
+    mergekit jobs the ratio of mergekit's time to ours and the largest difference between the two outputs.
+
+    Our merges write the sha256 of every input into the model card; a file's digest is computed once per file
+    version (``unmerge.checkpoint.hashing``). The first job (``cold hashes``) starts from an empty digest cache and
+    so pays for hashing every input; the other unmerge jobs find the digests known, as a repeated merge of the same
+    models does. ``threads`` sets ``OMP_NUM_THREADS`` (torch's thread count) for every job, mergekit's included."""
     workdir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "UNMERGE_CACHE": str(workdir / "cache")}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     config = llama_shape(size_bytes)
     base = workdir / "base"
     if not (base / "config.json").exists() or json.loads((base / "config.json").read_text()) != config:
@@ -168,24 +176,34 @@ def bench_merge(workdir: Path, size_bytes: int, n_models: int = 3, methods: tupl
     floor_out = workdir / "out-floor"
     shutil.rmtree(floor_out, ignore_errors=True)
     load = _settle()
-    floor_job = run_monitored("io-floor", python_job(FLOOR_CODE) + [",".join(map(str, inputs)), str(floor_out)])
+    floor_job = run_monitored("io-floor", python_job(FLOOR_CODE) + [",".join(map(str, inputs)), str(floor_out)],
+                              env=env)
     floor = floor_job.seconds if floor_job.returncode == 0 else None
     record(floor_job, load, floor)
     shutil.rmtree(floor_out, ignore_errors=True)
-    for method in methods:
-        out = workdir / f"out-unmerge-{method}"
+
+    def run_ours(method: str, out: Path, label: str) -> JobFigures:
         shutil.rmtree(out, ignore_errors=True)
         load = _settle()
-        ours = run_monitored(f"unmerge:{method}", python_job(OURS_CODE) + [
-            json.dumps(job_config(method, base, models, ours=True)), str(out), device])
-        record(ours, load, floor)
+        job = run_monitored(label, python_job(OURS_CODE) + [
+            json.dumps(job_config(method, base, models, ours=True)), str(out), device], env=env)
+        record(job, load, floor)
+        return job
+
+    if methods:
+        shutil.rmtree(workdir / "cache" / "hashes", ignore_errors=True)
+        run_ours(methods[0], workdir / "out-unmerge-cold", f"unmerge:{methods[0]} (cold hashes)")
+        shutil.rmtree(workdir / "out-unmerge-cold", ignore_errors=True)
+    for method in methods:
+        out = workdir / f"out-unmerge-{method}"
+        ours = run_ours(method, out, f"unmerge:{method}")
         if mergekit:
             yaml_file = workdir / f"mergekit-{method}.yaml"
             yaml_file.write_text(json.dumps(job_config(method, base, models, ours=False)))  # JSON is YAML
             theirs_out = workdir / f"out-mergekit-{method}"
             shutil.rmtree(theirs_out, ignore_errors=True)
             load = _settle()
-            theirs = run_monitored(f"mergekit:{method}", [mergekit, str(yaml_file), str(theirs_out)])
+            theirs = run_monitored(f"mergekit:{method}", [mergekit, str(yaml_file), str(theirs_out)], env=env)
             both = ours.returncode == 0 and theirs.returncode == 0
             record(theirs, load, floor, {
                 "x_ours": round(theirs.seconds / ours.seconds, 2) if both else None,
@@ -194,5 +212,6 @@ def bench_merge(workdir: Path, size_bytes: int, n_models: int = 3, methods: tupl
         shutil.rmtree(out, ignore_errors=True)
     rows.append({"job": "model", "error": f"{config['num_hidden_layers']} layers, {size_bytes / 1024**3:.2f} GB per "
                  f"checkpoint, {n_models} checkpoints, largest tensor "
-                 f"{config['vocab_size'] * config['hidden_size'] * 4 / 1024**2:.0f} MB, {os.cpu_count()} CPUs"})
+                 f"{config['vocab_size'] * config['hidden_size'] * 4 / 1024**2:.0f} MB, {os.cpu_count()} CPUs, "
+                 f"threads {threads or 'default'}"})
     return rows

@@ -23,25 +23,35 @@ def _gpt2_small():
 MODELS = {"tiny": lambda: load_causal_lm(builtin_model_path("builtin:tiny-lm")), "gpt2-small": _gpt2_small}
 
 
-def bench_fisher(model_name: str, examples: int, batch_size: int, max_length: int = 64) -> dict:
-    """Examples per second of the vmap path and of the batch-1 loop on the same examples (sampled labels)."""
+def bench_fisher(model_name: str, examples: int, batch_size: int, max_length: int = 64,
+                 paths: tuple[str, ...] = ("loop", "hooks", "vmap"), level: str = "sequence") -> list[dict]:
+    """Examples per second of each Fisher path on the same examples (sampled labels), side by side in one process:
+    one row per path with its ratio to the batch-1 loop (wall time and thread CPU time), its peak anonymous memory
+    and its largest relative difference from the loop. Each path first runs once on two examples (warm-up, not
+    timed)."""
     from unmerge.stats.fisher import diagonal_fisher
 
     model, tokenizer = MODELS[model_name]()
     data = encode_examples(tokenizer, load_texts("builtin:clean-demo")[:examples], max_length)
+    order = ["loop"] + [p for p in paths if p != "loop"]
     runs = {}
-    for path in ("loop", "vmap"):
-        t = timed(lambda p=path: diagonal_fisher(model, data, batch_size=batch_size, path=p, progress=False))
-        runs[path] = t
-    fast, slow = runs["vmap"].result[0], runs["loop"].result[0]
-    max_rel = max(float((fast[k] - slow[k]).abs().max() / slow[k].abs().max().clamp_min(1e-30)) for k in slow)
-    return {"model": model_name, "params": sum(p.numel() for p in model.parameters()), "examples": len(data),
-            "batch_size": batch_size, "threads": torch.get_num_threads(),
-            "loop_ex_per_s": round(len(data) / runs["loop"].seconds, 2),
-            "vmap_ex_per_s": round(len(data) / runs["vmap"].seconds, 2),
-            "speedup": round(runs["loop"].seconds / runs["vmap"].seconds, 2),
-            "loop_peak_anon_mb": round(runs["loop"].peak_anon_mb), "vmap_peak_anon_mb": round(runs["vmap"].peak_anon_mb),
-            "max_rel_diff": f"{max_rel:.1e}"}
+    for path in order:
+        diagonal_fisher(model, data[:2], batch_size=2, path=path, level=level, progress=False)
+        runs[path] = timed(lambda p=path: diagonal_fisher(model, data, batch_size=batch_size, path=p, level=level,
+                                                          progress=False))
+    slow = runs["loop"].result[0]
+    rows = []
+    for path, run in runs.items():
+        fisher, info = run.result
+        max_rel = max(float((fisher[k] - slow[k]).abs().max() / slow[k].abs().max().clamp_min(1e-30)) for k in slow)
+        rows.append({"model": model_name, "params": sum(p.numel() for p in model.parameters()), "path": path,
+                     "path_used": info["path"], "level": level, "examples": len(data), "batch_size": batch_size,
+                     "threads": torch.get_num_threads(), "ex_per_s": round(len(data) / run.seconds, 2),
+                     "x_loop": round(runs["loop"].seconds / run.seconds, 2),
+                     "x_loop_cpu": round(runs["loop"].cpu_seconds / run.cpu_seconds, 2),
+                     "peak_anon_mb": round(run.peak_anon_mb),
+                     "max_rel_diff_vs_loop": f"{max_rel:.1e}"})
+    return rows
 
 
 def bench_generate(prompts: int, samples: int, max_new_tokens: int, batch_size: int) -> dict:

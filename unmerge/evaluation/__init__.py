@@ -1,8 +1,9 @@
 """Evaluation of causal LMs: toxicity, fluency perplexity, downstream accuracy, forget quality.
 
 The single entry point is :func:`evaluate_model`; the building blocks live in the submodules
-(``generation``, ``scorers``, ``toxicity``, ``bootstrap``, ``perplexity``, ``accuracy``, ``forget_quality``) and
-each metric is also an ``evaluate`` module file under ``modules/`` (see :func:`module_path`).
+(``generation``, ``scorers``, ``toxicity``, ``bootstrap``, ``perplexity``, ``accuracy``, ``tasks``,
+``forget_quality``, ``harness`` for lm_eval tasks) and each metric is also an ``evaluate`` module file under
+``modules/`` (see :func:`module_path`). ``frames`` holds the DataFrame result of :func:`unmerge.evaluate`.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ PROTOCOL_KEYS: dict[str, tuple[str, ...]] = {
     "perplexity": ("max_length", "stride", "batch_size", "per_document", "separator"),
     "accuracy": ("normalize", "batch_size", "max_length", "kind", "n_boot"),
     "forget_quality": ("k", "max_length", "stride", "batch_size", "n_boot", "separator"),
+    "lm_eval": ("tasks", "num_fewshot", "limit", "include_path", "include_defaults", "batch_size", "max_length",
+                "bootstrap_iters", "log_samples"),
 }
 
 MODULES = {"perplexity": "perplexity.py", "toxicity": "toxicity.py", "mc_accuracy": "mc_accuracy.py",
@@ -180,8 +183,22 @@ def _forget_quality(model, tokenizer, proto, data, seed, progress):
     return rows, [{"kind": "membership", **r} for r in recs]
 
 
+def _lm_eval(model, tokenizer, proto, data, seed, progress):
+    from unmerge.evaluation.harness import LM_EVAL_DEFAULTS, lm_eval_version, results_to_rows, run_lm_eval, \
+        samples_to_records
+
+    proto, refs = _split(proto, "lm_eval")
+    results = run_lm_eval(model, tokenizer, proto, seed=seed)
+    opts = {**LM_EVAL_DEFAULTS, **proto}
+    recorded = {**refs, "tasks": opts["tasks"], "limit": opts["limit"], "include_path": opts["include_path"],
+                "bootstrap_iters": opts["bootstrap_iters"], "lm_eval_version": lm_eval_version()}
+    rows = [{**row, "protocol": "lm_eval", **{k: v for k, v in recorded.items() if k not in row}}
+            for row in results_to_rows(results)]
+    return rows, samples_to_records(results)
+
+
 _RUNNERS = {"toxicity": _toxicity, "perplexity": _perplexity, "accuracy": _accuracy,
-            "forget_quality": _forget_quality}
+            "forget_quality": _forget_quality, "lm_eval": _lm_eval}
 
 
 def evaluate_model(
@@ -194,7 +211,8 @@ def evaluate_model(
 ) -> tuple[list[dict], list[dict]]:
     """Run the protocols named in ``protocols`` on a causal LM and return ``(summary_rows, records)``.
 
-    ``protocols`` maps ``toxicity`` / ``perplexity`` / ``accuracy`` / ``forget_quality`` to their parameters
+    ``protocols`` maps ``toxicity`` / ``perplexity`` / ``accuracy`` / ``forget_quality`` / ``lm_eval`` to their
+    parameters
     (see ``PROTOCOL_KEYS``; data-reference keys such as ``prompts: builtin:prompts`` are recorded as given);
     absent protocols are skipped. ``data`` holds the loaded inputs: ``prompts``, ``perplexity_texts``,
     ``accuracy_items`` (``{prompt, choices, label}`` or ``{text, label}``), ``forget_texts``, ``retain_texts``,
@@ -204,15 +222,16 @@ def evaluate_model(
     names ``toxicity.mean``, ``toxicity.expected_max``, ``toxicity.probability``, ``toxicity.share_gt_0.8``,
     ``perplexity`` (+ ``perplexity.per_doc_mean``), ``accuracy``, ``accuracy.sum``, ``accuracy.norm``
     (``f1.macro`` for classifiers), ``forget.perplexity``, ``retain.perplexity``, ``forget.ppl_ratio``,
-    ``mia.auc_loss``, ``mia.auc_mink``. Records: dicts with a ``kind`` (``generation``, ``scorer``,
-    ``perplexity_doc``, ``accuracy``, ``membership``) and a ``protocol``.
+    ``mia.auc_loss``, ``mia.auc_mink``, ``lm_eval.<task>.<metric>`` (the ``lm_eval`` protocol, see
+    :mod:`unmerge.evaluation.harness`). Records: dicts with a ``kind`` (``generation``, ``scorer``,
+    ``perplexity_doc``, ``accuracy``, ``membership``, ``lm_eval``) and a ``protocol``.
     """
     unknown = [p for p in protocols if p not in _RUNNERS]
     if unknown:
         raise EvaluationError(f"unknown evaluation protocol '{unknown[0]}'", did_you_mean(unknown[0], _RUNNERS))
     rows: list[dict] = []
     records: list[dict] = []
-    for name in ("toxicity", "perplexity", "accuracy", "forget_quality"):
+    for name in _RUNNERS:
         if name not in protocols:
             continue
         proto = dict(protocols[name] or {})

@@ -141,6 +141,12 @@ def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     return float(np.mean(f1s))
 
 
+def encode_for_classification(tokenizer: Any, texts: Sequence[str], max_length: int, pad: int) -> list[list[int]]:
+    """Token ids of each text as a sequence classifier reads them: the tokenizer's own ids (no bos/eos added here),
+    truncated to ``max_length``; an empty text becomes ``[pad]``. Training and statistics encode the same way."""
+    return [s[:max_length] or [pad] for s in encode(tokenizer, texts)]
+
+
 def classification_accuracy(
     model: Any,
     tokenizer: Any,
@@ -162,7 +168,7 @@ def classification_accuracy(
         raise DataError("classification accuracy: need as many labels as texts (and at least one)")
     max_length = int(max_length) if max_length else min(model_context_length(model), 512)
     pad = pad_token_id(tokenizer)
-    seqs = [s[:max_length] or [pad] for s in encode(tokenizer, texts)]
+    seqs = encode_for_classification(tokenizer, texts, max_length, pad)
     device = model_device(model)
     preds: list[int] = [0] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))

@@ -3,8 +3,9 @@
 - ``profanity-check``: the TF-IDF + calibrated linear SVM of the ``alt-profanity-check`` package (offline; the
   default). Word-based and saturating: it flags offensive *words*, not toxic meaning, and sits near 0.02-0.07
   on clean or gibberish text.
-- ``detoxify:<variant>`` (``original``, ``unbiased``, ``multilingual``, ...) or ``detoxify:/path/to/ckpt``:
-  the ``detoxify`` package (optional extra ``unmerge[toxicity]``); its ``toxicity`` head.
+- ``detoxify:<variant>`` (``original``, ``unbiased``, ``multilingual``, ...), ``detoxify:/path/to/file.ckpt`` or
+  ``detoxify:/path/to/dir`` (a checkpoint beside its config and tokenizer files: offline): the ``detoxify``
+  package (optional extra ``unmerge[toxicity]``); its ``toxicity`` head.
 - ``hf:<model path or id>[@label]``: any ``AutoModelForSequenceClassification``; the score is the probability
   of the named toxic label (softmax, or sigmoid for multi-label models). Without ``@label`` a label called
   toxic/toxicity/offensive/hate is looked for.
@@ -70,38 +71,80 @@ def _profanity_check(arg: str | None, device: str | None = None, batch_size: int
 
 
 # ------------------------------------------------------------------------------------------------ detoxify
+#: detoxify's own renaming of the Jigsaw class names (``detoxify.detoxify.load_checkpoint``)
+DETOXIFY_CLASS_NAMES = {"toxic": "toxicity", "identity_hate": "identity_attack", "severe_toxic": "severe_toxicity"}
+
+
+def _detoxify_directory(directory: str, device: str) -> tuple[Any, Any, list[str]]:
+    """A directory holding one detoxify checkpoint (``*.ckpt``: ``{config, state_dict}``) and the Hugging Face
+    config and tokenizer files of its architecture: loaded fully offline by detoxify's own
+    ``get_model_and_tokenizer``, with the architecture's hub name (``bert-base-uncased``, ...) replaced by the
+    directory (detoxify looks that name up even when given ``huggingface_config_path``)."""
+    import glob
+
+    import torch
+    from detoxify.detoxify import get_model_and_tokenizer
+
+    found = sorted(glob.glob(os.path.join(directory, "*.ckpt")))
+    if len(found) != 1:
+        raise ScorerError(f"detoxify directory '{directory}' holds {len(found)} .ckpt files, not one",
+                          "put exactly one detoxify checkpoint beside its config.json and tokenizer files")
+    loaded = torch.load(found[0], map_location=device, weights_only=False)  # detoxify's format is a pickle
+    if not isinstance(loaded, dict) or "config" not in loaded or "state_dict" not in loaded:
+        raise ScorerError(f"'{found[0]}' is not a detoxify checkpoint (no config/state_dict)",
+                          "give a checkpoint saved by detoxify's training code or downloaded from its releases")
+    args = {**loaded["config"]["arch"]["args"], "model_type": directory}
+    model, tokenizer = get_model_and_tokenizer(**args, state_dict=loaded["state_dict"],
+                                               huggingface_config_path=directory)
+    names = [DETOXIFY_CLASS_NAMES.get(c, c) for c in loaded["config"]["dataset"]["args"]["classes"]]
+    return model.to(device), tokenizer, names
+
+
 def _detoxify(arg: str | None, device: str | None = None, batch_size: int = 64) -> Scorer:
+    """``detoxify:<variant>`` (downloaded by detoxify, or from its torch hub cache), ``detoxify:<file.ckpt>`` (a
+    local checkpoint whose recorded architecture name resolves locally) or ``detoxify:<directory>`` (a local
+    checkpoint with its config and tokenizer files: works offline). Score: sigmoid of the ``toxicity`` logit, as
+    ``Detoxify.predict``."""
     if not arg:
         raise ScorerError("scorer 'detoxify' needs a variant or checkpoint path",
                           "use detoxify:original, detoxify:unbiased, or detoxify:/path/to/checkpoint.ckpt")
     if importlib.util.find_spec("detoxify") is None:
         raise ScorerError(f"scorer 'detoxify:{arg}' needs the detoxify package",
                           "pip install 'unmerge[toxicity]' (detoxify), or use profanity-check")
+    import torch
     from detoxify import Detoxify
 
     device = device or "cpu"
     try:
-        if os.path.exists(arg):
-            # the checkpoint records its own architecture; model_type only matters for its config lookup
-            model = Detoxify(model_type="original", checkpoint=arg, device=device)
-        else:
-            model = Detoxify(model_type=arg, device=device)
+        if os.path.isdir(arg):
+            model, tokenizer, names = _detoxify_directory(arg, device)
+        else:  # a checkpoint file records its own architecture; model_type only names a release to download
+            loaded = Detoxify(model_type="original", checkpoint=arg, device=device) if os.path.exists(arg) \
+                else Detoxify(model_type=arg, device=device)
+            model, tokenizer, names = loaded.model, loaded.tokenizer, loaded.class_names
+    except ScorerError:
+        raise
     except Exception as exc:  # downloads, missing files, bad checkpoints
         raise ScorerError(f"cannot load detoxify model '{arg}': {exc}",
-                          "detoxify downloads its checkpoints at run time; offline, pass a local checkpoint "
-                          "path (detoxify:/path/to/ckpt) or use profanity-check") from exc
+                          "detoxify downloads its checkpoints at run time; offline, pass a directory holding the "
+                          "checkpoint and its config/tokenizer files (detoxify:/path/to/dir) or use "
+                          "profanity-check") from exc
+    if "toxicity" not in names:
+        raise ScorerError(f"detoxify model '{arg}' has no toxicity class (classes: {names})")
+    column = names.index("toxicity")
+    model.eval()
 
     def fn(texts: list[str]) -> list[float]:
         out: list[float] = []
-        for i in range(0, len(texts), batch_size):
-            res = model.predict(texts[i:i + batch_size])
-            key = "toxicity" if "toxicity" in res else "toxic"
-            vals = res[key]
-            out.extend(float(v) for v in (vals if isinstance(vals, (list, tuple)) else [vals]))
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch_size):
+                inputs = tokenizer(texts[i:i + batch_size], return_tensors="pt", truncation=True,
+                                   padding=True).to(model.device)
+                out.extend(torch.sigmoid(model(**inputs)[0][:, column].float()).cpu().tolist())
         return out
 
     return Scorer(f"detoxify:{arg}", fn, "Detoxify toxicity head (Jigsaw-trained BERT-family classifier).",
-                  {"package": "detoxify", "variant": arg})
+                  {"package": "detoxify", "variant": arg, "classes": names})
 
 
 # ---------------------------------------------------------------------------------------------- hf models

@@ -2,7 +2,8 @@
 
 Per tensor, solve the merging normal equations (Σ_i C_i) θ = Σ_i C_i θ_i by conjugate gradient, matrix-free (only
 products X ↦ C_i X are formed), from an initialization θ⁽⁰⁾ (``init``: task_arithmetic θ₀ + λ Σ τ_t with λ = 0.3,
-average, or base). C_i is model i's curvature, by ``objective``:
+average, base, or checkpoint: the tensor of the same name in the checkpoint ``init_model``, read one tensor at a
+time from its memory-mapped safetensors and checked for shape). C_i is model i's curvature, by ``objective``:
 
 - ``fisher``:  C_i = diag F_i,              X ↦ Σ_i F_i ⊙ X   (every tensor with a Fisher, embeddings excepted);
 - ``regmean``: C_i = the input Gram G_i,   X ↦ (Σ_i G_i) X for a Conv1D weight [in, out], X (Σ_i G_i) for an
@@ -25,6 +26,7 @@ record holds the rule used, the CG iteration count and the final relative residu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Callable
 
 import torch
@@ -38,7 +40,7 @@ Tensor = torch.Tensor
 Matvec = Callable[[Tensor], Tensor]
 
 OBJECTIVES: dict[str, tuple[str, ...]] = {"fisher": ("fisher",), "regmean": ("gram",), "kfac": ("kfac",)}
-INITS = ("task_arithmetic", "average", "base")
+INITS = ("task_arithmetic", "average", "base", "checkpoint")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,29 @@ def initialization(base: Tensor | None, models: list[Tensor], init: str, lam: fl
     return task_arithmetic(base, models, [1.0] * len(models), lam)
 
 
+@lru_cache(maxsize=4)
+def _init_checkpoint(path: str):
+    from unmerge.checkpoint import Checkpoint
+
+    return Checkpoint(path)
+
+
+def checkpoint_init(task: TensorTask) -> Tensor:
+    """θ⁽⁰⁾ = the tensor ``task.name`` of the checkpoint ``init_model`` (fp32, on the models' device)."""
+    path = task.params.get("init_model")
+    if not path:
+        raise MethodError("mats init 'checkpoint' needs init_model", "set init_model: PATH of the initial model")
+    ckpt = _init_checkpoint(str(path))
+    if task.name not in ckpt.names():
+        raise MethodError(f"the init_model '{path}' has no tensor '{task.name}'",
+                          "give a checkpoint of the same architecture as the merged models")
+    init = ckpt.get(task.name)
+    if tuple(init.shape) != tuple(task.models[0].shape):
+        raise MethodError(f"tensor '{task.name}' of init_model '{path}' has shape {tuple(init.shape)}, the models "
+                          f"{tuple(task.models[0].shape)}", "give a checkpoint of the same architecture")
+    return init.to(task.models[0].device, torch.float32)
+
+
 def mats_solve(operators: list[Matvec], models: list[Tensor], x0: Tensor, iterations: int = 100,
                rtol: float = 1e-6) -> tuple[Tensor, int, float]:
     """CG on (Σ_i C_i) θ = Σ_i C_i θ_i with C_i given as products ``operators[i]`` (float64 throughout)."""
@@ -132,7 +157,12 @@ def _layer_system(task: TensorTask, objective: str) -> tuple[list[Matvec], int] 
 def _mats(task: TensorTask) -> Tensor:
     p = task.params
     objective = p["objective"]
-    x0 = initialization(task.base, task.models, p["init"], p["lambda"])
+    if p.get("init_model") and p["init"] != "checkpoint":
+        raise MethodError(f"mats init_model is set but init is '{p['init']}'", "set init: checkpoint to start from it")
+    if p["init"] == "checkpoint":
+        x0 = checkpoint_init(task)
+    else:
+        x0 = initialization(task.base, task.models, p["init"], p["lambda"])
     task.record.update(objective=objective, init=p["init"])
     if is_embedding(task.name):
         task.record.update(rule="init", reason="embedding")
@@ -174,7 +204,9 @@ register(ObjectiveMethod(
     formula="(Σ_i C_i) θ = Σ_i C_i θ_i by CG from θ⁽⁰⁾;  C_i = diag F_i | G_i | A_i ⊗ G_i;  others: θ⁽⁰⁾",
     params=(
         OBJECTIVE,
-        Param("init", "task_arithmetic", str, "initialization θ⁽⁰⁾: task_arithmetic, average or base", choices=INITS),
+        Param("init", "task_arithmetic", str, "initialization θ⁽⁰⁾: task_arithmetic, average, base or checkpoint "
+              "(init_model)", choices=INITS),
+        Param("init_model", None, str, "init: checkpoint: the model directory θ⁽⁰⁾ is read from, per tensor"),
         Param("lambda", 0.3, float, "λ of the task_arithmetic initialization", aliases=("scaling_coef",)),
         Param("iterations", 100, int, "maximum CG iterations per tensor", minimum=0),
         Param("rtol", 1e-6, float, "stop when ‖b − Mθ‖ ≤ rtol·‖b‖", minimum=0.0),

@@ -39,7 +39,7 @@ import pandas as pd
 from unmerge.checkpoint.hashing import sha256_file
 from unmerge.checkpoint.writer import MARKER, atomic_output_dir
 from unmerge.errors import DataError
-from unmerge.report import plots
+from unmerge.report import matched, plots
 from unmerge.report.render import Document, render_html, render_markdown
 from unmerge.report.selection import Selection, _fmt, select
 from unmerge.report.verify import MANIFEST
@@ -54,7 +54,7 @@ BUNDLE_FORMAT = "unmerge-report/1"
 _RUN_KEYS = {
     "recipe", "resolved", "metrics", "records", "guard", "selection", "timings", "inputs", "seeds", "caveats",
     "title", "base_candidate", "protocol", "eligible", "plots", "tradeoff", "samples_per_candidate", "hardware",
-    "compress_samples",
+    "compress_samples", "oracle_candidate",
 }
 _LIBRARIES = [  # (name in the manifest, distribution name)
     ("torch", "torch"), ("transformers", "transformers"), ("datasets", "datasets"), ("evaluate", "evaluate"),
@@ -243,6 +243,26 @@ def _wide(long: pd.DataFrame) -> pd.DataFrame:
     return wide.astype(float)
 
 
+GAP_PREFIX, ABSGAP_PREFIX = "oracle_gap.", "oracle_absgap."
+
+
+def _oracle_gaps(wide: pd.DataFrame, oracle: str) -> pd.DataFrame:
+    """Columns ``oracle_gap.M`` (candidate − oracle, as :func:`unmerge.evaluation.oracle_gap`) and
+    ``oracle_absgap.M`` (its absolute value) for every metric M; no columns when there is no candidate ``oracle``."""
+    if oracle not in wide.index:
+        return pd.DataFrame(index=wide.index)
+    gaps = wide - wide.loc[oracle]
+    return pd.concat([gaps.add_prefix(GAP_PREFIX), gaps.abs().add_prefix(ABSGAP_PREFIX)], axis=1)
+
+
+def _oracle_gap_frame(wide: pd.DataFrame, oracle: str) -> pd.DataFrame:
+    """Tidy rows (candidate, metric, value, oracle, gap) for oracle_gap.csv."""
+    gaps = wide - wide.loc[oracle]
+    rows = [{"candidate": c, "metric": m, "value": wide.at[c, m], "oracle": wide.at[oracle, m],
+             "gap": gaps.at[c, m]} for c in wide.index for m in wide.columns]
+    return pd.DataFrame(rows, columns=["candidate", "metric", "value", "oracle", "gap"])
+
+
 def _guard_frame(guard: Any, info: pd.DataFrame) -> pd.DataFrame | None:
     if guard is None or (hasattr(guard, "__len__") and len(guard) == 0):
         return None
@@ -382,9 +402,9 @@ def _build_document(ctx: dict[str, Any]) -> Document:
             sec.ul([f"{c['constraint']}: {c['metric']} {c['op']} {_f(c['bound'])} (bound evaluated on {base})"
                     for c in selection.constraints])
         table = selection.table
-        constraint_cols = [c for c in table.columns if c not in wide.columns
+        constraint_cols = [c for c in table.columns if c not in ctx["select_wide"].columns
                            and c not in ("eligible", "satisfies", "selected")]
-        metric_cols = [c for c in table.columns if c in wide.columns]
+        metric_cols = [c for c in table.columns if c in ctx["select_wide"].columns]
         headers = ["candidate"] + metric_cols + [c.strip() for c in constraint_cols] + ["eligible", "selected"]
         rows, classes = [], []
         for cand in table.index:
@@ -424,6 +444,26 @@ def _build_document(ctx: dict[str, Any]) -> Document:
                   [[r["candidate"], r["method"] or "", _alpha(r["alpha"])]
                    + [_f(r[c]) if isinstance(r[c], (int, float)) else ("" if _is_missing(r[c]) else str(r[c]))
                       for c in cols] for r in g.to_dict("records")])
+
+    oracle = ctx["oracle_candidate"]
+    if oracle in wide.index:
+        sec = doc.section("Gap to the retrain oracle")
+        sec.p(f"Per candidate, its value minus the oracle's ({oracle}: the model trained without the forget data) "
+              f"on every metric; 0 is the oracle's behaviour. The same numbers are in oracle_gap.csv, and a "
+              f"selection rule can read them as oracle_gap.METRIC (signed) and oracle_absgap.METRIC (absolute).")
+        gap_cols = [f"{GAP_PREFIX}{m}" for m in metrics]
+        sec.table(["candidate", "method", "α"] + metrics,
+                  [[cand, info.at[cand, "method"] or "", _alpha(info.at[cand, "alpha"])]
+                   + [_f(ctx["select_wide"].at[cand, g]) for g in gap_cols] for cand in info.index],
+                  [["selected"] + [None] * (2 + len(metrics)) if cand == sel else None for cand in info.index])
+
+    # removal methods at matched effect (unmerge/report/matched.py)
+    x, y = ctx["tradeoff"]
+    if x and y and x != y:
+        ci = long[(long["candidate"] == base) & (long["metric"] == y)][["ci_low", "ci_high"]].astype(float)
+        noise = float((ci["ci_high"] - ci["ci_low"]).iloc[0]) / 2 if len(ci) and ci.notna().all(axis=None) else None
+        matched.add_section(doc, wide, info, base, x, y, selection.constraints if selection is not None else [], _f,
+                            noise)
 
     # plots
     sec = doc.section("Plots")
@@ -570,6 +610,9 @@ def write_bundle(out_dir: str | Path, run: Mapping[str, Any], overwrite: bool = 
     wide = _wide(long)
     candidates = list(info.index)
 
+    oracle_candidate = str(run.get("oracle_candidate") or "oracle")
+    select_wide = wide.join(_oracle_gaps(wide, oracle_candidate))  # the metrics plus the gaps a rule may read
+
     selection: Selection | None = None
     rule = run.get("selection")
     if rule:
@@ -577,7 +620,7 @@ def write_bundle(out_dir: str | Path, run: Mapping[str, Any], overwrite: bool = 
         if eligible is None:
             with_method = [c for c in candidates if info.at[c, "method"] is not None]
             eligible = with_method or [c for c in candidates if c != base_candidate]
-        selection = select(wide, rule, base_candidate=base_candidate, eligible=eligible)
+        selection = select(select_wide, rule, base_candidate=base_candidate, eligible=eligible)
 
     guard = _guard_frame(run.get("guard"), info)
     records = [dict(r) for r in (run.get("records") or [])]
@@ -600,9 +643,10 @@ def write_bundle(out_dir: str | Path, run: Mapping[str, Any], overwrite: bool = 
         "timings": {str(k): _num(v, f"timing of {k}") for k, v in (run.get("timings") or {}).items()},
         "inputs": _inputs(run.get("inputs")), "caveats": caveats, "versions": library_versions(),
         "hardware": hardware, "samples_per_candidate": int(run.get("samples_per_candidate", 3)),
-        "plots": [], "plot_notes": [],
+        "plots": [], "plot_notes": [], "oracle_candidate": oracle_candidate, "select_wide": select_wide,
     }
     ctx["samples"] = _pick_samples(records, candidates, ctx["samples_per_candidate"])
+    ctx["tradeoff"] = _tradeoff_axes(plot_cfg, list(wide.columns))
 
     with atomic_output_dir(out_dir, inputs=[Path(p) for p in input_paths], overwrite=overwrite) as tmp:
         # data files
@@ -614,6 +658,9 @@ def write_bundle(out_dir: str | Path, run: Mapping[str, Any], overwrite: bool = 
             (tmp / "samples.jsonl").write_text(lines, encoding="utf-8")
         if guard is not None:
             guard.to_csv(tmp / "guard.csv", index=False, lineterminator="\n")
+        if oracle_candidate in wide.index:
+            _oracle_gap_frame(wide, oracle_candidate).to_csv(tmp / "oracle_gap.csv", index=False,
+                                                             lineterminator="\n")
         details = _metric_rows(run["metrics"])
         details = [{k: v for k, v in r.items() if k not in _TIMING_KEYS} for r in details]
         if any(set(map(str, r)) - set(METRIC_COLUMNS) for r in details):
@@ -661,12 +708,17 @@ def write_bundle(out_dir: str | Path, run: Mapping[str, Any], overwrite: bool = 
     return out_dir
 
 
+def _tradeoff_axes(cfg: Mapping[str, Any], metrics: list[str]) -> tuple[str | None, str | None]:
+    """The (x, y) metrics of the trade-off plot and of the matched comparison (None where absent)."""
+    return (plots.pick_metric(str(cfg.get("tradeoff_x", "perplexity")), metrics),
+            plots.pick_metric(str(cfg.get("tradeoff_y", "toxicity.mean")), metrics))
+
+
 def _draw_plots(tmp: Path, ctx: dict[str, Any], cfg: Mapping[str, Any]) -> None:
     wide, info, long = ctx["wide"], ctx["info"], ctx["long"]
     metrics = list(wide.columns)
     selection: Selection | None = ctx["selection"]
-    x = plots.pick_metric(str(cfg.get("tradeoff_x", "perplexity")), metrics)
-    y = plots.pick_metric(str(cfg.get("tradeoff_y", "toxicity.mean")), metrics)
+    x, y = ctx["tradeoff"]
     if x and y and x != y:
         bounds: dict[str, float] = {}
         if selection is not None:
@@ -689,6 +741,17 @@ def _draw_plots(tmp: Path, ctx: dict[str, Any], cfg: Mapping[str, Any]) -> None:
     plots.plot_bars(tmp / "bars.png", long, info, metrics,
                     selected=selection.candidate if selection is not None else None)
     ctx["plots"].append(("bars.png", "Every metric per candidate; whiskers are 95% intervals where computed."))
+    curves = cfg.get("alpha_curves")  # {metrics: [...], methods: [...], references: [...]}: metric against α
+    if curves:
+        wanted = [plots.pick_metric(str(m), metrics) for m in curves.get("metrics", [])]
+        wanted = [m for m in dict.fromkeys(wanted) if m]
+        if wanted:
+            plots.plot_alpha_curves(tmp / "alpha_curves.png", wide, info, wanted, methods=curves.get("methods"),
+                                    references=curves.get("references"))
+            ctx["plots"].append(("alpha_curves.png", f"{', '.join(wanted)} against the scaling factor α, one line "
+                                                     "per swept method; horizontal lines: reference models."))
+        else:
+            ctx["plot_notes"].append(f"No α-curve plot: none of the metrics {curves.get('metrics')} was measured.")
     guard = ctx["guard"]
     column = str(cfg.get("guard_column", "clamped_fraction"))
     if guard is not None and column in guard.columns and pd.to_numeric(guard[column], errors="coerce").notna().any() \

@@ -9,7 +9,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_tradeoff", "plot_bars", "plot_guard", "pick_metric"]
+__all__ = ["plot_tradeoff", "plot_bars", "plot_guard", "plot_alpha_curves", "pick_metric"]
 
 _DPI = 110
 _REFERENCE_STYLE = {  # candidates without a method: base, forget, oracle (others get a grey dot)
@@ -199,4 +199,45 @@ def plot_guard(path: Path, guard: pd.DataFrame, column: str = "clamped_fraction"
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+_REFERENCE_LINES = ["-", "--", ":", "-."]
+
+
+def plot_alpha_curves(path: Path, wide: pd.DataFrame, info: pd.DataFrame, metrics: Sequence[str],
+                      methods: Sequence[str] | None = None, references: Sequence[str] | None = None) -> Path:
+    """One panel per metric: the metric against α (the scaling factor), a line per method over its α grid, and a
+    horizontal line per reference candidate (no method: e.g. base, individual, multitask models).
+
+    ``methods`` default: every method with more than one α; ``references`` default: every candidate without one."""
+    swept = [m for m in dict.fromkeys(info["method"]) if _is_set(m)
+             and pd.to_numeric(info.loc[info["method"] == m, "alpha"], errors="coerce").notna().sum() > 1]
+    methods = [m for m in (methods or swept) if m in set(info["method"].dropna())]
+    refs = list(references) if references is not None else [c for c in info.index if not _is_set(info.at[c, "method"])]
+    colors = _method_colors(methods)
+    ncols = min(len(metrics), 2)
+    nrows = math.ceil(len(metrics) / ncols)
+    fig = Figure(figsize=(6.2 * ncols, 4.2 * nrows), layout="constrained")
+    for k, metric in enumerate(metrics):
+        ax = fig.add_subplot(nrows, ncols, k + 1)
+        for method in methods:
+            rows = info[info["method"] == method].copy()
+            rows["_alpha"] = pd.to_numeric(rows["alpha"], errors="coerce")
+            rows = rows.dropna(subset=["_alpha"]).sort_values("_alpha")
+            pts = [(a, float(wide.at[c, metric])) for c, a in zip(rows.index, rows["_alpha"])
+                   if math.isfinite(float(wide.at[c, metric]))]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=colors[method], label=method,
+                        linewidth=1.8, markersize=5)
+        for j, cand in enumerate(c for c in refs if c in wide.index):
+            value = float(wide.at[cand, metric])
+            if math.isfinite(value):
+                ax.axhline(value, color="#444444", linestyle=_REFERENCE_LINES[j % len(_REFERENCE_LINES)],
+                           linewidth=1.1, label=f"{cand} ({value:.3g})")
+        ax.set_xlabel("α (scaling factor)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} against α")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="best", framealpha=0.85)
     return _save(fig, path)

@@ -15,6 +15,25 @@ from unmerge.report.bundle import write_bundle
 from unmerge.report.verify import verify
 
 
+def _metric_rows(source: Path, rows: list[dict], timings: dict) -> list[dict]:
+    """metrics.csv rows with what the bundle keeps beside them put back: the per-metric facts of
+    metric_details.jsonl (same rows, same order) and the seconds of manifest.json's metric_timings, so a rebuild
+    writes both again instead of dropping them."""
+    details = source / "metric_details.jsonl"
+    if details.exists():
+        extra = [json.loads(line) for line in details.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if len(extra) != len(rows) or any((e.get("candidate"), e.get("metric")) != (r["candidate"], r["metric"])
+                                          for e, r in zip(extra, rows)):
+            raise InputError(f"'{details}' does not list the rows of metrics.csv in order",
+                             "the bundle was edited by hand; re-run the recipe to rebuild it")
+        rows = [{**e, **r} for e, r in zip(extra, rows)]
+    for r in rows:
+        seconds = (timings.get(str(r["candidate"])) or {}).get(str(r.get("protocol") or r["metric"]))
+        if seconds is not None:
+            r["seconds"] = seconds
+    return rows
+
+
 def rebuild_bundle(source: str | Path, out: str | Path | None = None, selection: dict[str, Any] | None = None) -> Path:
     """Re-render the bundle in ``source`` into ``out`` (default: in place). The source must verify first."""
     source = Path(source)
@@ -29,6 +48,7 @@ def rebuild_bundle(source: str | Path, out: str | Path | None = None, selection:
     text = (gzip.decompress((source / "samples.jsonl.gz").read_bytes()).decode("utf-8") if compressed
             else (source / "samples.jsonl").read_text(encoding="utf-8"))
     records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = _metric_rows(source, metrics.to_dict("records"), manifest.get("metric_timings") or {})
     guard = None
     if (source / "guard.csv").exists():
         guard = pd.read_csv(source / "guard.csv").to_dict("records")
@@ -38,7 +58,7 @@ def rebuild_bundle(source: str | Path, out: str | Path | None = None, selection:
         "title": manifest.get("title"),
         "recipe": recipe.get("given", {}),
         "resolved": resolved,
-        "metrics": metrics.to_dict("records"),
+        "metrics": rows,
         "records": records,
         "guard": guard,
         "selection": selection or (manifest.get("selection") or {}).get("rule"),

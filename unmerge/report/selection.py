@@ -14,6 +14,10 @@ Metric names are letters, digits, dots and underscores, starting with a letter o
 (``toxicity.mean``, ``toxicity.share_gt_0.8``). Anything else (calls, strings, dunder names, other operators)
 is a :class:`~unmerge.errors.RecipeError` naming the position. ``subject_to`` may also be a list of constraint
 strings (joined with ``and``) or omitted.
+
+When a candidate named ``oracle`` (a retrain oracle) was evaluated, the report offers every metric M also as
+``oracle_gap.M`` (candidate − oracle) and ``oracle_absgap.M`` (its absolute value), so "closest to the oracle" is
+``minimize: oracle_absgap.forget.perplexity`` (plain metric names: the grammar is unchanged).
 """
 from __future__ import annotations
 

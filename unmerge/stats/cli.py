@@ -44,11 +44,15 @@ def stats_command(model, data, out, kind, examples, estimator, level, batch_size
     @friendly
     def run():
         from unmerge.sources import load_texts
-        from unmerge.stats.compute import estimate_statistic
+        from unmerge.stats.compute import estimate_statistic, fisher_data
 
         _logging(quiet)
         options = {k: v for k, v in given.items() if v is not None}
-        meta = estimate_statistic(kind, model, load_texts(data), out, examples=examples, batch_size=batch_size,
+        if kind == "fisher":  # a sequence classifier's empirical Fisher reads the data's label column
+            texts, options["labels"] = fisher_data(model, data, options.get("estimator", "sampled"))
+        else:
+            texts = load_texts(data)
+        meta = estimate_statistic(kind, model, texts, out, examples=examples, batch_size=batch_size,
                                   max_length=max_length, n=n_scale, device=device, progress=not quiet,
                                   overwrite=overwrite, data_name=str(data), **options)
         size = f"{meta['n_tokens']} tokens" if "n_tokens" in meta else f"path {meta['path']}"

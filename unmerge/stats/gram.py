@@ -15,6 +15,11 @@ statistic kind; the merge engine uses it to hand a method ``task.stats['gram']``
 metadata lists every layer under ``layers`` ({module: {type, weight_layout, in_features, out_features, bias}}); the
 engine passes the weight's entry to the method as ``task.context['layer']``.
 
+Sequence-classification models (``*ForSequenceClassification``): the Gram needs only the inputs, so it is the same
+statistic over the same tokens; batches are padded with ``config.pad_token_id`` (the classifier pools the rightmost
+non-padding token) and the classification head (``score``) is a linear layer like any other (a multi-task merge
+keeps only the shared body's layers).
+
 Numerics: inputs are cast to fp32, each batch's XᵀX is formed in fp32 and accumulated in fp64, and the mean is
 stored in fp32. Padding is masked: only the tokens of the examples contribute, whatever the batch size.
 """
@@ -99,6 +104,20 @@ def linear_layers(model: torch.nn.Module) -> tuple[dict[str, LinearLayer], dict[
         raise StatisticError("the model has no nn.Linear or Conv1D layer",
                              "Gram and K-FAC statistics need linear layers")
     return layers, skipped
+
+
+def is_sequence_classifier(model: torch.nn.Module) -> bool:
+    """A transformers ``*ForSequenceClassification`` model (one label per sequence, logits [B, n_labels])."""
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def classifier_pad_id(model: torch.nn.Module) -> int:
+    """The pad id a sequence classifier pools by; batches of several examples need one."""
+    pad = getattr(model.config, "pad_token_id", None)
+    if pad is None:
+        raise StatisticError(f"the sequence classifier {type(model).__name__} has no config.pad_token_id",
+                             "set model.config.pad_token_id (e.g. to the tokenizer's pad or eos id)")
+    return int(pad)
 
 
 def check_examples(examples: list[list[int]]) -> list[list[int]]:
@@ -189,10 +208,12 @@ def gram_statistics(model: torch.nn.Module, examples: list[list[int]], *, batch_
     was_training = model.training
     model.eval()
     grams = InputGrams(layers)
+    classifier = is_sequence_classifier(model)
+    pad_id = classifier_pad_id(model) if classifier else 0
     n_tokens = 0
     with grams.attached(), torch.no_grad():
         for start in tqdm(range(0, len(examples), batch_size), desc="gram", disable=not progress, unit="batch"):
-            ids, mask = pad_batch(examples[start : start + batch_size], device)
+            ids, mask = pad_batch(examples[start : start + batch_size], device, pad_id)
             grams.mask, grams.active = mask, True
             model(input_ids=ids, attention_mask=mask.long())
             grams.active = False
@@ -201,5 +222,6 @@ def gram_statistics(model: torch.nn.Module, examples: list[list[int]], *, batch_
     tensors = {f"{name}.gram": grams.gram(name).float().cpu() for name in layers}
     info = {"n_examples": len(examples), "n_tokens": n_tokens, "batch_size": batch_size,
             "layers": {name: layer.describe() for name, layer in layers.items()}, "skipped_layers": skipped,
-            "keyed_by": "module", "factors": list(LAYER_STAT_FACTORS["gram"]), "accumulation": "float64"}
+            "keyed_by": "module", "factors": list(LAYER_STAT_FACTORS["gram"]), "accumulation": "float64",
+            "model_kind": "sequence_classification" if classifier else "causal_lm"}
     return tensors, info

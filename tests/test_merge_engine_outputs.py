@@ -1,0 +1,51 @@
+"""What a merge writes besides the merged floats: tied heads stored once, integer buffers copied from the base,
+config and tokenizer copied, and a model card with the exact config and the sha256 of every input."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import make_gpt2, perturbed
+from unmerge.checkpoint import Checkpoint
+from unmerge.merge_config import merge
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_tied_heads_int_buffers_and_model_card(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    base = make_gpt2()
+    dirs = [tmp_path / n for n in ("base", "ft1", "ft2")]
+    for i, (model, d) in enumerate(zip([base, perturbed(base, 1), perturbed(base, 2)], dirs)):
+        model.save_pretrained(d)
+        state = load_file(d / "model.safetensors")
+        state["step"] = torch.tensor([10 + i], dtype=torch.int64)  # an integer buffer, different in each input
+        state["lm_head.weight"] = state["transformer.wte.weight"].clone()  # as checkpoints that store both do
+        save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+    (dirs[0] / "tokenizer_config.json").write_text("{}")
+    config = {"merge_method": "task_arithmetic", "base_model": str(dirs[0]), "dtype": "float32",
+              "models": [{"model": str(d), "parameters": {"weight": w}} for d, w in zip(dirs[1:], (0.5, 0.25))]}
+    merge(config, tmp_path / "out", device="cpu", progress=False)
+    out = tmp_path / "out"
+    stored = load_file(out / "model.safetensors")
+    assert "lm_head.weight" not in stored and "transformer.wte.weight" in stored  # tied: stored once
+    assert torch.equal(stored["step"], torch.tensor([10]))  # integer buffers: the base's, not averaged
+    reloaded = GPT2LMHeadModel.from_pretrained(out)
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.transformer.wte.weight.data_ptr()
+    assert (out / "config.json").exists() and (out / "tokenizer_config.json").exists()
+    info = json.loads((out / "merge_info.json").read_text())
+    card = (out / "README.md").read_text()
+    for d in dirs:  # each input: sha256 over "<file> <sha256>" lines of its weight files, computed independently
+        files = Checkpoint(d).files()
+        want = hashlib.sha256("".join(f"{f.name} {_sha(f)}\n" for f in files).encode()).hexdigest()
+        assert info["inputs"][str(d)] == want and f"| `{d}` | `{want}` |" in card
+    given = card.split("## Configuration (as given)\n```yaml\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(given) == config
+    assert "`lm_head.weight` is tied to `transformer.wte.weight`" in card
