@@ -115,3 +115,28 @@ def test_dtype_and_shape_are_preserved(method, dtype, shape):
     got = _run(method, base, models, _stats(method, n, shape, dtype))
     assert got.dtype == dtype and got.shape == base.shape
     assert torch.isfinite(got).all()
+
+
+PROPAGATING = [m for m in all_methods() if m.propagates_nonfinite]
+
+
+def test_the_methods_that_skip_the_input_check_are_the_elementwise_affine_ones():
+    assert sorted(m.name for m in PROPAGATING) == ["linear", "negation", "task_arithmetic"]
+
+
+@pytest.mark.parametrize("method", PROPAGATING, ids=lambda m: m.name)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_nonfinite_input_reaches_the_output_of_a_propagating_method(method, bad):
+    """The engine checks only the output of these methods: one NaN/Inf anywhere in any input, under a zero weight
+    or λ = 0 too, must leave a non-finite output element (IEEE: 0·Inf = NaN, Inf − Inf = NaN)."""
+    n = method.max_models or 3
+    overrides = [{}, {"weight": [0.0] * n, "normalize": False}, {"lambda": 0.0}, {"normalize": True}]
+    for params in overrides:
+        params = {k: v for k, v in params.items() if any(p.name == k for p in method.params)}
+        for which in range(n + (1 if method.needs_base else 0)):
+            tensors = [torch.randn(6, 5, generator=torch.Generator().manual_seed(s)) for s in range(n + 1)]
+            tensors[which][2, 3] = bad
+            base, models = (tensors[0], tensors[1:]) if method.needs_base else (None, tensors[:n])
+            plan = ParamPlan.build(method, params, [{} for _ in models])
+            out = method.fn(TensorTask("w", base, models, plan.for_tensor("w")))
+            assert not torch.isfinite(out).all(), (method.name, params, which)

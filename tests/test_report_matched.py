@@ -91,3 +91,20 @@ def test_rebuild_keeps_metric_details_and_timings(tmp_path):
     again = rebuild_bundle(first, out=tmp_path / "again")
     assert (again / "metric_details.jsonl").read_text() == details
     assert json.loads((again / "manifest.json").read_text())["metric_timings"] == timings
+
+
+def test_rebuild_elsewhere_records_the_new_location(tmp_path):
+    import json
+
+    from unmerge.report.rebuild import rebuild_bundle
+
+    metrics = [dict(candidate="base", method=None, alpha=None, metric="perplexity", value=10.0, ci_low=None,
+                    ci_high=None)]
+    first = write_bundle(tmp_path / "b", {"title": "r", "metrics": metrics, "records": [], "base_candidate": "base",
+                                          "resolved": {"name": "x", "report": {"dir": str(tmp_path / "b")}}})
+    again = rebuild_bundle(first, out=tmp_path / "again")
+    resolved = json.loads((again / "manifest.json").read_text())["recipe"]["resolved"]
+    assert resolved == {"name": "x", "report": {"dir": str(tmp_path / "again")}}
+    in_place = rebuild_bundle(first)
+    assert json.loads((in_place / "manifest.json").read_text())["recipe"]["resolved"]["report"]["dir"] == \
+        str(tmp_path / "b")

@@ -217,7 +217,8 @@ def merge_checkpoints(
         model_ts = [m.get(name) for m in models]
         stat_ts, layer = {}, {}
         if name in float_names:
-            _check_finite(name, ([base] if base else []) + models, ([base_t] if base else []) + model_ts)
+            if not method.propagates_nonfinite:
+                _check_finite(name, ([base] if base else []) + models, ([base_t] if base else []) + model_ts)
             for kind, items in stats.items():
                 for key, tensor in layer_stat_names(kind, name).items():
                     present = [tensor in s for s in items]
@@ -297,6 +298,9 @@ def merge_checkpoints(
                 merged = method.fn(task)
                 record, task = task.record, None  # the inputs (device copies) go now
                 if not _all_finite(merged):
+                    if method.propagates_nonfinite:  # the inputs were not checked on the way in: name the culprit
+                        _check_finite(name, ([base] if base else []) + models,
+                                      ([base_t] if base else []) + model_ts)
                     raise MethodError(f"method '{method.name}' produced NaN/Inf in '{name}'",
                                       "check the inputs for NaN/Inf and the method parameters")
                 behind.add(name, merged.to(out_dtype))

@@ -82,6 +82,7 @@ register(Method(
     formula="θ = Σ w_i θ_i / Σ w_i  (or Σ w_i θ_i with normalize: false)",
     params=(WEIGHT, Param("normalize", True, bool, "divide by the sum of weights")),
     needs_base=False,
+    propagates_nonfinite=True,
 ))
 
 register(Method(
@@ -92,6 +93,7 @@ register(Method(
     params=(WEIGHT, Param("lambda", 1.0, float, "global scale λ of the summed task vectors", aliases=("scaling_coef",)),
             Param("normalize", False, bool, "divide the summed task vectors by Σ w (mergekit's normalize; its default "
                   "for task_arithmetic is false too)")),
+    propagates_nonfinite=True,
 ))
 
 ALPHA = Param("alpha", 1.0, float, "removal strength α", minimum=0.0, min_exclusive=True)
@@ -105,4 +107,5 @@ register(Method(
     min_models=1,
     max_models=1,
     aliases=("task_arithmetic_negation",),
+    propagates_nonfinite=True,
 ))

@@ -114,6 +114,10 @@ class Method:
     # Whole-model pre-pass: called with a factory of fresh streams of TensorTasks (one tensor at a time, so it can
     # take several passes without holding the model); returns the JSON-able ``context`` given to every task.
     prepass: Prepass | None = None
+    # Every non-finite input element makes an output element non-finite (elementwise affine maps such as
+    # θ₀ + λ Σ w τ: IEEE NaN/Inf survive +, −, × and 0·Inf = NaN). The engine then checks only the output, and
+    # the inputs only when the output is non-finite, to name the culprit: one read of every input byte less.
+    propagates_nonfinite: bool = False
 
     def param(self, name: str) -> Param:
         for p in self.params:

@@ -54,6 +54,8 @@ def rebuild_bundle(source: str | Path, out: str | Path | None = None, selection:
         guard = pd.read_csv(source / "guard.csv").to_dict("records")
     recipe = manifest.get("recipe", {})
     resolved = recipe.get("resolved") or {}
+    if out is not None and isinstance(resolved.get("report"), dict):  # the resolved recipe names where it now lies
+        resolved = {**resolved, "report": {**resolved["report"], "dir": str(out)}}
     run = {
         "title": manifest.get("title"),
         "recipe": recipe.get("given", {}),
