@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import assert_rel, linear_layer_io
 from unmerge.errors import StatisticError
 from unmerge.stats.fisher import draw_labels
 from unmerge.stats.gram import gram_statistics
@@ -25,37 +26,8 @@ def make_classifier(seed: int = 0, n_labels: int = 3):
 
 
 def reference(model, examples, labels):
-    """Per linear layer: stacked inputs X [n_tokens, in] and gradients Γ [n_tokens, out] of log p(y_i | x_i) w.r.t.
-    the layer output, one example at a time (no padding involved)."""
-    from transformers.pytorch_utils import Conv1D
-
-    modules = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
-    inputs = {n: [] for n in modules}
-    grads = {n: [] for n in modules}
-    outputs = {}
-
-    def hook(name):
-        def fn(module, args, out):
-            inputs[name].append(args[0][0].detach().double())
-            out.retain_grad()
-            outputs[name] = out
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-    for ex, y in zip(examples, labels):
-        logits = model(input_ids=torch.tensor([ex])).logits[0]
-        torch.log_softmax(logits, -1)[y].backward()
-        for n in modules:
-            grads[n].append(outputs[n].grad[0].double())
-    for h in handles:
-        h.remove()
-    model.zero_grad()
-    return {n: torch.cat(v) for n, v in inputs.items()}, {n: torch.cat(v) for n, v in grads.items()}, modules
-
-
-def assert_rel(a, b, rtol=1e-5, what=""):
-    scale = b.abs().max().clamp_min(1e-30)
-    assert float((a.double() - b.double()).abs().max() / scale) < rtol, what
+    """Per linear layer: inputs X and gradients Γ of log p(y_i | x_i) w.r.t. the layer output (conftest)."""
+    return linear_layer_io(model, examples, lambda logits, ids, i: torch.log_softmax(logits, -1)[labels[i]])
 
 
 @pytest.mark.parametrize("batch_size", [2, 5])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tests.conftest import make_gpt2
+from tests.conftest import assert_rel, linear_layer_io, make_gpt2
 from unmerge.stats import Statistic
 from unmerge.stats.gram import gram_statistics, layer_stat_names
 from unmerge.stats.kfac import kfac_factors
@@ -29,44 +29,14 @@ def make_llama(seed: int = 0):
 MODELS = {"gpt2": make_gpt2, "llama": make_llama}
 
 
+def next_token_loglik(logits, ids, index):
+    """Σ_pos log p(observed next token): the objective of the empirical K-FAC."""
+    return torch.log_softmax(logits[:-1], -1).gather(-1, ids[0, 1:].unsqueeze(-1)).sum()
+
+
 def reference(model, examples, labels: bool = False):
-    """Independent computation, one unpadded example at a time with plain hooks and autograd: per linear layer
-    (nn.Linear or Conv1D, skipping a head tied to the embedding) the stacked inputs X [n, in] and, with ``labels``,
-    the stacked gradients of Σ_pos log p(observed next token) w.r.t. the layer output, Γ [n, out]."""
-    from transformers.pytorch_utils import Conv1D
-
-    embedding = model.get_input_embeddings().weight
-    modules = {n: m for n, m in model.named_modules()
-               if isinstance(m, (torch.nn.Linear, Conv1D)) and m.weight is not embedding}
-    inputs = {n: [] for n in modules}
-    grads = {n: [] for n in modules}
-    outputs = {}
-
-    def hook(name):
-        def fn(module, args, out):
-            inputs[name].append(args[0][0].detach().double())
-            out.retain_grad()
-            outputs[name] = out
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-    for ex in examples:
-        ids = torch.tensor([ex])
-        logits = model(input_ids=ids).logits[0, :-1]
-        if labels:
-            torch.log_softmax(logits, -1).gather(-1, ids[0, 1:].unsqueeze(-1)).sum().backward()
-            for n in modules:
-                grads[n].append(outputs[n].grad[0].double())
-    for h in handles:
-        h.remove()
-    model.zero_grad()
-    return ({n: torch.cat(v) for n, v in inputs.items()},
-            {n: torch.cat(v) for n, v in grads.items()} if labels else None, modules)
-
-
-def assert_rel(a, b, rtol=1e-5, what=""):
-    scale = b.abs().max().clamp_min(1e-30)
-    assert float((a.double() - b.double()).abs().max() / scale) < rtol, what
+    """Per linear layer the stacked inputs X and, with ``labels``, the output gradients Γ (conftest)."""
+    return linear_layer_io(model, examples, next_token_loglik if labels else None)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
