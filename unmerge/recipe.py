@@ -93,14 +93,14 @@ def load_recipe(source: str | Path | dict) -> dict[str, Any]:
         where = str(source)
     if not isinstance(given, dict):
         raise RecipeError(f"recipe '{where}' must be a mapping at the top level")
-    _check(given, SCHEMA, (), where)
+    check_keys(given, SCHEMA, (), where)
     return given
 
 
 def resolve_recipe(given: dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Defaults filled in, overrides (``seed``, ``report.dir``) applied. Sections absent from a given ``evaluate``
     stay absent (the protocol is not run)."""
-    resolved = _fill(given, SCHEMA, ())
+    resolved = fill_defaults(given, SCHEMA, ())
     for key, value in (overrides or {}).items():
         node = resolved
         *parents, last = key.split(".")
@@ -112,7 +112,8 @@ def resolve_recipe(given: dict[str, Any], overrides: dict[str, Any] | None = Non
     return resolved
 
 
-def _check(given: dict, schema: dict, path: tuple[str, ...], where: str) -> None:
+def check_keys(given: dict, schema: dict, path: tuple[str, ...], where: str) -> None:
+    """Every key of ``given`` is in ``schema`` (else a 'did you mean' error) and every required key is present."""
     for key, value in given.items():
         if key not in schema:
             dotted = ".".join(path + (key,))
@@ -123,13 +124,14 @@ def _check(given: dict, schema: dict, path: tuple[str, ...], where: str) -> None
                 continue
             if not isinstance(value, dict):
                 raise RecipeError(f"recipe key '{'.'.join(path + (key,))}' in '{where}' must be a mapping")
-            _check(value, sub, path + (key,), where)
+            check_keys(value, sub, path + (key,), where)
     for key, sub in schema.items():
         if sub is ANY and key not in given and path + (key,) not in FREE_FORM:
             raise RecipeError(f"recipe '{where}' lacks the required key '{'.'.join(path + (key,))}'")
 
 
-def _fill(given: dict, schema: dict, path: tuple[str, ...]) -> dict:
+def fill_defaults(given: dict, schema: dict, path: tuple[str, ...]) -> dict:
+    """``given`` with the schema's defaults filled in (optional sections absent from a given mapping stay absent)."""
     out: dict[str, Any] = {}
     for key, sub in schema.items():
         here = path + (key,)
@@ -138,7 +140,7 @@ def _fill(given: dict, schema: dict, path: tuple[str, ...]) -> dict:
                 continue  # a given `evaluate:` runs only the protocols it names
             if here in OPT_IN_SECTIONS and not (given and given.get(key) is not None):
                 continue
-            out[key] = _fill(given.get(key) or {}, sub, here)
+            out[key] = fill_defaults(given.get(key) or {}, sub, here)
         elif key in given:
             out[key] = copy.deepcopy(given[key])
         elif sub is not ANY:

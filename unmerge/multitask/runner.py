@@ -38,10 +38,10 @@ from unmerge.errors import RecipeError, did_you_mean
 from unmerge.methods import get_method
 from unmerge.methods.params import ParamPlan
 from unmerge.multitask.tasks import TaskSplits, build_task
-from unmerge.recipe import ANY, _check, _fill, load_yaml_data
+from unmerge.recipe import ANY, check_keys, fill_defaults, load_yaml_data
 from unmerge.report.selection import parse_rule
 from unmerge.stats import Statistic
-from unmerge.stats.compute import _layer_parameter, _Run, _store
+from unmerge.stats.compute import EstimationRun, layer_parameter, store_statistic
 from unmerge.stats.fisher import diagonal_fisher
 from unmerge.stats.gram import LAYER_STAT_FACTORS, gram_statistics
 from unmerge.stats.kfac import kfac_factors
@@ -133,9 +133,9 @@ class MultiTaskRun:
         given = dict(recipe) if isinstance(recipe, dict) else load_yaml_data(Path(recipe), "recipe")
         if not isinstance(given, dict):
             raise RecipeError(f"recipe '{where}' must be a mapping at the top level")
-        _check(given, SCHEMA, (), where)
+        check_keys(given, SCHEMA, (), where)
         self.given = given
-        self.recipe = _fill(given, SCHEMA, ())
+        self.recipe = fill_defaults(given, SCHEMA, ())
         for key in ("params", "sweep"):
             self.recipe["merge"][key] = self.recipe["merge"][key] or {}
         if seed is not None:
@@ -301,12 +301,14 @@ class MultiTaskRun:
         texts, labels = train.texts[: cfg["examples"]], train.labels[: cfg["examples"]]
         max_length = self.recipe["train"]["max_length"]
         examples = encode_for_classification(self._tokenizer(), texts, max_length, pad)
-        run = _Run(str(body), body, device, model, train.texts, texts, examples, max_length, time.perf_counter())
+        run = EstimationRun(str(body), body, device, model, train.texts, texts, examples, max_length,
+                            time.perf_counter())
         tensors, info = STATISTICS[kind](model, examples, labels, estimator=cfg["estimator"],
                                          batch_size=cfg["batch_size"], seed=self.recipe["seed"], progress=self.progress)
         info = {**info, "task": task, "head": head.name, "model_kind": "sequence_classification"}
-        _store(run, kind, tensors, info, out, parameter_of=_layer_parameter if kind in LAYER_STAT_FACTORS else str,
-               n=len(train.texts), data_name=f"task:{task}:train", overwrite=True)
+        store_statistic(run, kind, tensors, info, out,
+                        parameter_of=layer_parameter if kind in LAYER_STAT_FACTORS else str,
+                        n=len(train.texts), data_name=f"task:{task}:train", overwrite=True)
 
     def _base_fisher(self, out: Path) -> None:
         """The base language model's diagonal Fisher (its own next-token objective) for the body tensors: H₀."""
@@ -320,14 +322,14 @@ class MultiTaskRun:
         device = resolve_device(self.device)
         model, tokenizer = load_causal_lm(self.base_dir(), device=str(device))
         encoded = encode_examples(tokenizer, used, cfg["max_length"])
-        run = _Run(str(self.body_base), self.body_base, device, model, texts, used, encoded, cfg["max_length"],
+        run = EstimationRun(str(self.body_base), self.body_base, device, model, texts, used, encoded, cfg["max_length"],
                    time.perf_counter())
         fisher, info = diagonal_fisher(model, encoded, estimator=self.recipe["stats"]["estimator"],
                                        batch_size=self.recipe["stats"]["batch_size"], seed=self.recipe["seed"],
                                        progress=self.progress)
         info = {**info, "role": "base", "objective": "causal LM next-token likelihood (the base's own)"}
-        _store(run, "fisher", fisher, info, out, parameter_of=str, n=cfg["n"], data_name=str(cfg["data"]),
-               overwrite=True)
+        store_statistic(run, "fisher", fisher, info, out, parameter_of=str, n=cfg["n"], data_name=str(cfg["data"]),
+                        overwrite=True)
 
     def _merge(self, m: MergeSpec, out: Path) -> None:
         kinds = required_stats(get_method(m.method), m.params)

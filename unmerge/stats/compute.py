@@ -29,7 +29,7 @@ KINDS = ("fisher", "gram", "kfac")
 
 
 @dataclass
-class _Run:
+class EstimationRun:
     """A model loaded for estimation and the encoded examples."""
 
     spec: str
@@ -43,7 +43,8 @@ class _Run:
     start: float = 0.0
 
 
-def _prepare(model_spec: str | Path, texts: list[str], examples: int | None, max_length: int, device: str) -> _Run:
+def _prepare(model_spec: str | Path, texts: list[str], examples: int | None, max_length: int,
+             device: str) -> EstimationRun:
     processes()  # joins a data-parallel process group first: on GPUs that selects this process's device
     model_dir = resolve_model(model_spec)
     dev = resolve_device(device)
@@ -57,11 +58,13 @@ def _prepare(model_spec: str | Path, texts: list[str], examples: int | None, max
     else:
         model, tokenizer = load_causal_lm(model_dir, device=str(dev))
         encoded = encode_examples(tokenizer, used, min(max_length, model_context(model.config)))
-    return _Run(str(model_spec), model_dir, dev, model, texts, used, encoded, max_length, time.perf_counter())
+    return EstimationRun(str(model_spec), model_dir, dev, model, texts, used, encoded, max_length,
+                         time.perf_counter())
 
 
-def _store(run: _Run, kind: str, tensors: dict[str, torch.Tensor], info: dict, out_dir: str | Path, *,
-           parameter_of: Callable[[str], str], n: float | None, data_name: str, overwrite: bool) -> dict:
+def store_statistic(run: EstimationRun, kind: str, tensors: dict[str, torch.Tensor], info: dict,
+                    out_dir: str | Path, *, parameter_of: Callable[[str], str], n: float | None, data_name: str,
+                    overwrite: bool) -> dict:
     """Keep the tensors whose parameter is in the checkpoint (``parameter_of`` maps a statistic key to it), write
     them with the shared metadata, return the metadata."""
     names = set(Checkpoint(run.model_dir).names())
@@ -96,7 +99,7 @@ def _kfac_count(name: str, info: dict) -> str:
     return "n_examples" if name.endswith(".G") and info.get("g_normalization") == "per_example" else "n_tokens"
 
 
-def _layer_parameter(key: str) -> str:
+def layer_parameter(key: str) -> str:
     """``<module>.<factor>`` → ``<module>.weight``."""
     return module_of(key) + WEIGHT_SUFFIX
 
@@ -135,8 +138,8 @@ def estimate_fisher(model_spec: str | Path, texts: list[str], out_dir: str | Pat
                                path=path, progress=progress, offset=offset, labels=own)
 
     fisher, info = data_parallel(shard_fisher, run.encoded, min_length=1 if classifier else 2, count="n_examples")
-    return _store(run, "fisher", fisher, info, out_dir, parameter_of=lambda k: k, n=n, data_name=data_name,
-                  overwrite=overwrite)
+    return store_statistic(run, "fisher", fisher, info, out_dir, parameter_of=lambda k: k, n=n, data_name=data_name,
+                           overwrite=overwrite)
 
 
 def estimate_gram(model_spec: str | Path, texts: list[str], out_dir: str | Path, *, examples: int | None = None,
@@ -147,8 +150,8 @@ def estimate_gram(model_spec: str | Path, texts: list[str], out_dir: str | Path,
     tensors, info = data_parallel(
         lambda shard, _: gram_statistics(run.model, shard, batch_size=batch_size, progress=progress),
         run.encoded, min_length=1, count="n_tokens", summed=("n_examples",))
-    return _store(run, "gram", tensors, info, out_dir, parameter_of=_layer_parameter, n=n, data_name=data_name,
-                  overwrite=overwrite)
+    return store_statistic(run, "gram", tensors, info, out_dir, parameter_of=layer_parameter, n=n, data_name=data_name,
+                           overwrite=overwrite)
 
 
 def estimate_kfac(model_spec: str | Path, texts: list[str], out_dir: str | Path, *, examples: int | None = None,
@@ -161,8 +164,8 @@ def estimate_kfac(model_spec: str | Path, texts: list[str], out_dir: str | Path,
         lambda shard, offset: kfac_factors(run.model, shard, estimator=estimator, batch_size=batch_size, seed=seed,
                                            progress=progress, offset=offset),
         run.encoded, min_length=1, count=_kfac_count, summed=("n_examples", "n_predicted_tokens"))
-    return _store(run, "kfac", tensors, info, out_dir, parameter_of=_layer_parameter, n=n, data_name=data_name,
-                  overwrite=overwrite)
+    return store_statistic(run, "kfac", tensors, info, out_dir, parameter_of=layer_parameter, n=n, data_name=data_name,
+                           overwrite=overwrite)
 
 
 ESTIMATE = {"fisher": estimate_fisher, "gram": estimate_gram, "kfac": estimate_kfac}
