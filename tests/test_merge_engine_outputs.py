@@ -49,3 +49,39 @@ def test_tied_heads_int_buffers_and_model_card(tmp_path):
     given = card.split("## Configuration (as given)\n```yaml\n", 1)[1].split("```", 1)[0]
     assert yaml.safe_load(given) == config
     assert "`lm_head.weight` is tied to `transformer.wte.weight`" in card
+
+
+def test_prepare_step_runs_one_tensor_ahead_on_the_loader_thread(tmp_path):
+    """A method's ``prepare`` runs on the engine's loader thread (overlapping the previous tensor's ``fn``) and its
+    result reaches ``fn`` as ``task.prepared``; TIES through the engine equals TIES called directly."""
+    import dataclasses
+    import threading
+
+    from unmerge.engine import merge_checkpoints
+    from unmerge.methods import get_method
+    from unmerge.methods.sparsify import ties
+
+    base = make_gpt2()
+    dirs = [tmp_path / n for n in ("base", "ft1", "ft2")]
+    for i, (model, d) in enumerate(zip([base, perturbed(base, 1), perturbed(base, 2)], dirs)):
+        model.save_pretrained(d)
+    ties_method = get_method("ties")
+    seen: dict[str, tuple[str, str]] = {}
+
+    def prepare(task):
+        return threading.current_thread().name, ties_method.prepare(task)
+
+    def fn(task):
+        where, rules = task.prepared
+        seen[task.name] = (where, threading.current_thread().name)
+        return ties_method.fn(dataclasses.replace(task, prepared=rules))
+
+    traced = dataclasses.replace(ties_method, prepare=prepare, fn=fn)
+    ckpts = [Checkpoint(d) for d in dirs]
+    merge_checkpoints(traced, ckpts[0], ckpts[1:], tmp_path / "out", params={"density": 0.4, "compat": "mergekit"},
+                      model_params=[{"weight": 1.0}, {"weight": 0.5}], device="cpu", progress=False)
+    assert seen and all(prep != run for prep, run in seen.values())  # prepared on another thread than fn ran on
+    stored = load_file(tmp_path / "out" / "model.safetensors")
+    name = "transformer.h.0.mlp.c_fc.weight"
+    want = ties(ckpts[0].get(name), [c.get(name) for c in ckpts[1:]], [1.0, 0.5], [0.4, 0.4], 1.0, "mergekit")
+    assert torch.equal(stored[name], want)

@@ -275,16 +275,33 @@ def merge_checkpoints(
     if method.prepass is not None:
         context = method.prepass(lambda: (make_task(n, *load(n), {}) for n in float_names))
 
+    def prepared(task: TensorTask) -> TensorTask:
+        if method.prepare is not None:
+            task.prepared = method.prepare(task)
+        return task
+
+    def fetch(name: str) -> tuple[tuple, TensorTask | None]:
+        """On the loader thread: the tensors of ``name``; on the CPU, for a float tensor of a method with a
+        ``prepare`` step (e.g. TIES's top-k passes), also its prepared task, so that the step overlaps the previous
+        tensor's ``fn`` (the float32 copies of non-float32 inputs are then made one tensor ahead). On CUDA the
+        upload is queued instead and the task is made on the consuming stream."""
+        loaded = to_device(load(name))
+        if uploader is not None or method.prepare is None or name not in float_names:
+            return loaded, None
+        return loaded, prepared(make_task(name, *loaded, context))
+
     # every output tensor's shape and dtype are known up front: the writer streams each to its shard as it comes
     layout = [(n, reference.meta(n)[0], dtype if dtype is not None and n in float_names else reference.meta(n)[1])
               for n in names]
     with atomic_output_dir(out_dir, inputs=inputs, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes=max_shard_bytes, layout=layout)
         with ThreadPoolExecutor(max_workers=1) as pool, _WriteBehind(writer) as behind:
-            pending = pool.submit(lambda n: to_device(load(n)), names[0]) if names else None
+            pending = pool.submit(fetch, names[0]) if names else None
             for i, name in enumerate(tqdm(names, desc=f"merge:{method.name}", disable=not progress, unit="tensor")):
-                base_t, model_ts, stat_ts, layer = wait_copied(pending.result())
-                pending = pool.submit(lambda n: to_device(load(n)), names[i + 1]) if i + 1 < len(names) else None
+                loaded, task = pending.result()
+                base_t, model_ts, stat_ts, layer = wait_copied(loaded)
+                loaded = None
+                pending = pool.submit(fetch, names[i + 1]) if i + 1 < len(names) else None
                 if name not in float_names:
                     behind.add(name, base_t if base_t is not None else model_ts[0])
                     continue
@@ -294,7 +311,7 @@ def merge_checkpoints(
                     for j, t in enumerate(ts):
                         if not any_nonzero[(kind, j)] and bool((t != 0).any()):
                             any_nonzero[(kind, j)] = True
-                task = make_task(name, base_t, model_ts, stat_ts, layer, context)
+                task = task or prepared(make_task(name, base_t, model_ts, stat_ts, layer, context))
                 merged = method.fn(task)
                 record, task = task.record, None  # the inputs (device copies) go now
                 if not _all_finite(merged):

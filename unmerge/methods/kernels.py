@@ -21,6 +21,7 @@ bit patterns (float32) or to a whole-tensor ``kthvalue`` (other dtypes).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -140,6 +141,15 @@ def _direct(a: Tensor, k: int, chunk: int = 0) -> Kth:
     return Kth(float(v), int(torch.count_nonzero(a > v)), equal, (equal,) if a.numel() <= chunk else None, chunk)
 
 
+@functools.lru_cache(maxsize=16)
+def sample_positions(n: int) -> Tensor:
+    """The fixed-seed sample of flat positions (in address order) that brackets an order statistic of a tensor of
+    ``n`` elements: ``SAMPLE`` of them from ``SAMPLE_LARGE`` elements on, a quarter of that below (a bigger sample
+    narrows the bracket but costs more). Cached: a model repeats a few tensor sizes."""
+    size = SAMPLE if n >= SAMPLE_LARGE else SAMPLE // 4
+    return torch.randint(0, n, (size,), generator=torch.Generator().manual_seed(_SAMPLE_SEED)).sort().values
+
+
 def kth_largest_abs(base: Tensor, models: list[Tensor], ks: list[int]) -> list[Kth | None]:
     """For each model t, the ks[t]-th largest |θ_t − θ₀| over the whole tensor (None where ks[t] ∉ [1, n]).
 
@@ -158,13 +168,12 @@ def kth_largest_abs(base: Tensor, models: list[Tensor], ks: list[int]) -> list[K
             out[i] = _direct((ms[i] - b).abs(), ks[i], chunk)
         return out
 
-    gen = torch.Generator().manual_seed(_SAMPLE_SEED)
-    size = SAMPLE if n >= SAMPLE_LARGE else SAMPLE // 4  # (a bigger sample narrows the bracket but costs more)
-    idx = torch.randint(0, n, (size,), generator=gen)
+    positions = sample_positions(n).to(b.device)
+    size = positions.numel()
+    base_sample = b.index_select(0, positions)
 
     def bracket(i: int) -> tuple[float, float]:
-        positions = idx.sort().values.to(b.device)
-        sample = (ms[i][positions] - b[positions]).abs()
+        sample = ms[i].index_select(0, positions).sub_(base_sample).abs_()
         rank = (n - ks[i]) / n * size  # ascending position of the wanted value in the sorted sample
         spread = 6.0 * math.sqrt(size * max(rank / size, 1e-9) * max(1 - rank / size, 1e-9)) + 8
         low_pos, high_pos = math.floor(rank - spread), math.ceil(rank + spread)
@@ -185,11 +194,10 @@ def kth_largest_abs(base: Tensor, models: list[Tensor], ks: list[int]) -> list[K
             if i in failed:
                 continue
             low, high = brackets[i]
-            tau = torch.sub(ms[i][s:e], b[s:e])
-            over = torch.nn.functional.hardshrink(tau, high)  # τ where |τ| > high, else 0
-            inside = torch.nn.functional.hardshrink(tau, low).sub_(over)  # τ where low < |τ| <= high (low >= 0)
-            band = inside[inside.bool()].abs_()
-            count = int(torch.count_nonzero(over.bool()))
+            magnitude = torch.sub(ms[i][s:e], b[s:e]).abs_()
+            over = magnitude > high
+            band = magnitude[(magnitude > low) ^ over]  # low < |τ| <= high (low >= 0)
+            count = int(torch.count_nonzero(over))
             with lock:
                 held[i] += band.numel()
                 if held[i] > cap:

@@ -84,6 +84,7 @@ class TensorTask:
     ``stats`` maps a statistic kind to tensors aligned with ``models`` (``fisher``) or to one tensor for the base
     (``base_fisher``). Methods write per-tensor diagnostics (e.g. the guard's clamped count) into ``record``.
     ``context`` holds the result of the method's whole-model pre-pass (e.g. a global top-k threshold), if any.
+    ``prepared`` holds what the method's ``prepare`` step computed for this tensor (None until it ran).
     """
 
     name: str
@@ -93,6 +94,7 @@ class TensorTask:
     stats: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
     context: dict[str, Any] = field(default_factory=dict)
+    prepared: Any = None
 
 
 Prepass = Callable[[Callable[[], Iterator[TensorTask]]], dict[str, Any]]
@@ -114,6 +116,10 @@ class Method:
     # Whole-model pre-pass: called with a factory of fresh streams of TensorTasks (one tensor at a time, so it can
     # take several passes without holding the model); returns the JSON-able ``context`` given to every task.
     prepass: Prepass | None = None
+    # Per-tensor preparation, split from ``fn`` so that the engine can run it on its loader thread for the next
+    # tensor while ``fn`` combines the current one (e.g. TIES's exact top-k thresholds: a whole pass over the
+    # inputs). Its result reaches ``fn`` as ``task.prepared``; ``fn`` calls it itself when that is None.
+    prepare: Callable[[TensorTask], Any] | None = None
     # Every non-finite input element makes an output element non-finite (elementwise affine maps such as
     # θ₀ + λ Σ w τ: IEEE NaN/Inf survive +, −, × and 0·Inf = NaN). The engine then checks only the output, and
     # the inputs only when the output is non-finite, to name the culprit: one read of every input byte less.

@@ -132,8 +132,7 @@ def _combine_chunk(base: Tensor, ys: list[Tensor], weights: list[float], how: st
     for s in signed[2:]:
         total.add_(s)
     total_sign = torch.sign(total)
-    gamma = total_sign + 0.5 * zero_sign
-    gamma.sign_()
+    gamma = (total_sign + 0.5 * zero_sign if conv.zero_to_majority else total_sign.add_(0.5 * zero_sign)).sign_()
     agreeing = count = None
     for s, w in zip(signed, weights):
         z = torch.mul(s, gamma).relu_()
@@ -173,6 +172,11 @@ def stream_combine(base: Tensor, taus: Callable[[int, int, int], Tensor], sparsi
     out = torch.empty_like(b)
     total = sum(weights)
     divisor = total if abs(total) >= 1e-8 else 1.0
+    if how == "ties" and len(set(weights)) == 1 and weights[0] > 0:
+        # equal weights w > 0 change no sign, agreement or election: TIES with unit weights, scaled by w (the
+        # weighted divisor Σ a w = w Σ a cancels it instead). Saves the per-model scalings of every chunk.
+        lam *= 1.0 if normalize and conv.weighted_divisor else weights[0]
+        weights = [1.0] * len(weights)
 
     def run(s: int, e: int, zero_sign: float = 1.0) -> tuple[float, float]:
         ys = [sparsify(taus(i, s, e), s, e) for i, sparsify in enumerate(sparsifiers)]
@@ -326,19 +330,23 @@ def _times(sparsify: Sparsifier, factor: float) -> Sparsifier:
     return lambda tau, s, e: sparsify(tau, s, e).mul_(factor)
 
 
+def ties_rules(base: Tensor, models: list[Tensor], density: list[float], compat: str = "paper",
+               thresholds: list[float] | None = None, rescale: bool = False) -> list[Sparsifier]:
+    """Each model's TIES trim (top ``density`` by magnitude, or |τ_t| ≥ a global per-model threshold) as a chunk
+    sparsifier; ``rescale``: scaled back to ‖τ_t‖₁ (mergekit). The whole-tensor passes of TIES happen here."""
+    chunk = chunk_size(base)
+    rules = trim_rules(base, models, density, CONVENTIONS[compat], thresholds, chunk)
+    return _l1_scaled(_model_taus(base, models), rules, base, chunk) if rescale else rules
+
+
 def ties(base: Tensor, models: list[Tensor], weights: list[float], density: list[float], lam: float = 1.0,
          compat: str = "paper", normalize: bool | None = None, thresholds: list[float] | None = None,
-         rescale: bool = False) -> Tensor:
-    """TIES: trim each τ_t to its top ``density`` by magnitude (or to |τ_t| ≥ a global per-model threshold), elect
-    signs, disjoint mean; θ = θ₀ + λ τ_m. ``rescale``: scale each trimmed τ̂_t back to ‖τ_t‖₁ (mergekit)."""
-    conv = CONVENTIONS[compat]
-    chunk = chunk_size(base)
-    rules = trim_rules(base, models, density, conv, thresholds, chunk)
-    taus = _model_taus(base, models)
-    if rescale:
-        rules = _l1_scaled(taus, rules, base, chunk)
-    return stream_combine(base, taus, rules, weights, "ties", lam, compat,
-                          _family_normalize(conv, normalize, True), chunk)
+         rescale: bool = False, rules: list[Sparsifier] | None = None) -> Tensor:
+    """TIES: trim each τ_t (``rules``, else :func:`ties_rules`), elect signs, disjoint mean; θ = θ₀ + λ τ_m."""
+    if rules is None:
+        rules = ties_rules(base, models, density, compat, thresholds, rescale)
+    return stream_combine(base, _model_taus(base, models), rules, weights, "ties", lam, compat,
+                          _family_normalize(CONVENTIONS[compat], normalize, True), chunk_size(base))
 
 
 # ---------------------------------------------------------------------------------------------------- random masks
@@ -635,7 +643,7 @@ def _density(default: float, doc: str = "fraction of each task vector kept") -> 
     return Param("density", default, float, doc, per_model=True, minimum=0.0, maximum=1.0)
 
 
-def _ties_fn(task: TensorTask) -> Tensor:
+def _ties_prepare(task: TensorTask) -> list[Sparsifier]:
     p = task.params
     thresholds = None
     if p["scope"] == "global":
@@ -643,8 +651,14 @@ def _ties_fn(task: TensorTask) -> Tensor:
         if thresholds is None:
             raise MethodError(f"ties scope 'global' on '{task.name}' needs the whole-model pre-pass",
                               "merge through unmerge.engine.merge_checkpoints, or use scope: per_tensor")
+    return ties_rules(task.base, task.models, p["density"], p["compat"], thresholds, p["rescale"])
+
+
+def _ties_fn(task: TensorTask) -> Tensor:
+    p = task.params
+    rules = task.prepared if task.prepared is not None else _ties_prepare(task)
     return ties(task.base, task.models, p["weight"], p["density"], p["lambda"], p["compat"], p["normalize"],
-                thresholds, p["rescale"])
+                rules=rules)
 
 
 register(Method(
@@ -657,28 +671,37 @@ register(Method(
                   choices=("per_tensor", "global")),
             COMPAT, NORMALIZE, TIES_RESCALE),
     prepass=_ties_prepass,
+    prepare=_ties_prepare,
 ))
 
 # (task, model index, chunk) -> that model's chunk sparsifier, and whether it rescales to the L1 norm afterwards
 MakeSparsifier = Callable[[TensorTask, int, int], tuple[Sparsifier, bool]]
 
 
-def _sparsified(make: MakeSparsifier, family_normalize: bool, row_chunks: bool) -> Callable[[TensorTask], Tensor]:
-    """A method function: sparsify each τ_t, then combine as ``params['combine']`` says, chunk by chunk."""
+def _sparsified(make: MakeSparsifier, family_normalize: bool, row_chunks: bool
+                ) -> tuple[Callable[[TensorTask], Tensor], Callable[[TensorTask], list[Sparsifier]]]:
+    """A method function (sparsify each τ_t, then combine as ``params['combine']`` says, chunk by chunk) and its
+    ``prepare`` step (the sparsifiers: order statistics and L1 norms take whole passes)."""
+    def chunk_of(task: TensorTask) -> int:
+        return _row_chunk(_row_width(task.base), task.base) if row_chunks else chunk_size(task.base)
+
+    def prepare(task: TensorTask) -> list[Sparsifier]:
+        chunk = chunk_of(task)
+        made = [make(task, i, chunk) for i in range(len(task.models))]
+        rules = [rule for rule, _ in made]
+        if any(l1 for _, l1 in made):
+            rules = _l1_scaled(_model_taus(task.base, task.models), rules, task.base, chunk)
+        return rules
+
     def fn(task: TensorTask) -> Tensor:
         p = task.params
         conv = CONVENTIONS[p["compat"]]
-        chunk = _row_chunk(_row_width(task.base), task.base) if row_chunks else chunk_size(task.base)
-        made = [make(task, i, chunk) for i in range(len(task.models))]
-        rules = [rule for rule, _ in made]
-        taus = _model_taus(task.base, task.models)
-        if any(l1 for _, l1 in made):
-            rules = _l1_scaled(taus, rules, task.base, chunk)
+        rules = task.prepared if task.prepared is not None else prepare(task)
         normalize = p["normalize"] if p["combine"] != "ties" else _family_normalize(conv, p["normalize"],
                                                                                       family_normalize)
-        return stream_combine(task.base, taus, rules, p["weight"], p["combine"], p["lambda"], p["compat"],
-                              bool(normalize), chunk)
-    return fn
+        return stream_combine(task.base, _model_taus(task.base, task.models), rules, p["weight"], p["combine"],
+                              p["lambda"], p["compat"], bool(normalize), chunk_of(task))
+    return fn, prepare
 
 
 def _dare_sparsify(task: TensorTask, i: int, chunk: int) -> tuple[Sparsifier, bool]:
@@ -711,9 +734,11 @@ def _family(name: str, variant: str, summary: str, formula: str, params: tuple[P
     """
     for method_name, how, extra in ((name, "task_arithmetic", aliases), (variant, "ties", ())):
         combine_param = dataclasses.replace(COMBINE, default=how)
+        fn, prepare = _sparsified(sparsify, mergekit_normalize, row_chunks)
         register(Method(
             name=method_name,
-            fn=_sparsified(sparsify, mergekit_normalize, row_chunks),
+            fn=fn,
+            prepare=prepare,
             summary=summary + ("" if how == "task_arithmetic" else ", then TIES sign election"),
             formula=formula,
             params=(WEIGHT, *params, combine_param, LAMBDA, COMPAT, NORMALIZE),
