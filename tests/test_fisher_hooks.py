@@ -285,14 +285,15 @@ def test_bench_fisher_reports_every_path_against_the_loop():
     from unmerge.cli import main
 
     res = CliRunner().invoke(main, ["bench", "fisher", "--examples", "4", "--batch-size", "2", "--paths",
-                                    "hooks,vmap", "--threads", "1"])
+                                    "hooks,vmap", "--threads", "1", "--repeat", "2"])
     assert res.exit_code == 0, res.output
     lines = res.output.strip().splitlines()
     first = next(i for i, line in enumerate(lines) if "path_used" in line)  # (a progress bar may precede it)
     header = lines[first][lines[first].index("model"):].split()
     rows = [line.split() for line in lines[first + 1 :]]
     assert [r[header.index("path")] for r in rows] == ["loop", "hooks", "vmap"]
-    assert {"ex_per_s", "x_loop", "x_loop_cpu", "peak_anon_mb"} <= set(header)
+    assert {"ex_per_s", "x_loop", "x_loop_cpu", "peak_anon_mb", "repeat"} <= set(header)
     for row in rows:
+        assert row[header.index("repeat")] == "2"
         assert row[header.index("path_used")] == row[header.index("path")]
         assert float(row[header.index("max_rel_diff_vs_loop")]) < 1e-4

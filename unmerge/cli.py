@@ -317,8 +317,10 @@ def bench_merge(size, n_models, methods, workdir, mergekit, mergekit_bin, device
               help="comma-separated Fisher paths to time (the loop always runs: it is the reference)")
 @click.option("--level", type=click.Choice(["sequence", "token"]), default="sequence", show_default=True)
 @click.option("--threads", type=int, help="torch CPU threads")
+@click.option("--repeat", type=int, default=3, show_default=True,
+              help="timed runs of each path, taking turns; the median is reported")
 @friendly
-def bench_fisher(model_name, examples, batch_size, paths, level, threads):
+def bench_fisher(model_name, examples, batch_size, paths, level, threads, repeat):
     """Per-example Fisher: hooks and vmap paths against the batch-1 loop (examples/s, ratio, peak anonymous memory)."""
     import pandas as pd
     import torch
@@ -327,7 +329,8 @@ def bench_fisher(model_name, examples, batch_size, paths, level, threads):
 
     if threads:
         torch.set_num_threads(threads)
-    rows = run_bench(model_name, examples, batch_size, paths=tuple(p for p in paths.split(",") if p), level=level)
+    rows = run_bench(model_name, examples, batch_size, paths=tuple(p for p in paths.split(",") if p), level=level,
+                     repeat=repeat)
     with pd.option_context("display.width", 200):
         click.echo(pd.DataFrame(rows).to_string(index=False))
 

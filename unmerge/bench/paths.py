@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from unmerge.bench.inprocess import timed
+from unmerge.bench.inprocess import Timed, timed
 from unmerge.data.builtin import builtin_model_path, load_texts
 from unmerge.models import load_causal_lm
 from unmerge.text import encode_examples
@@ -24,21 +24,26 @@ MODELS = {"tiny": lambda: load_causal_lm(builtin_model_path("builtin:tiny-lm")),
 
 
 def bench_fisher(model_name: str, examples: int, batch_size: int, max_length: int = 64,
-                 paths: tuple[str, ...] = ("loop", "hooks", "vmap"), level: str = "sequence") -> list[dict]:
+                 paths: tuple[str, ...] = ("loop", "hooks", "vmap"), level: str = "sequence",
+                 repeat: int = 1) -> list[dict]:
     """Examples per second of each Fisher path on the same examples (sampled labels), side by side in one process:
     one row per path with its ratio to the batch-1 loop (wall time and thread CPU time), its peak anonymous memory
     and its largest relative difference from the loop. Each path first runs once on two examples (warm-up, not
-    timed)."""
+    timed); with ``repeat`` > 1 the paths take turns that many times and each row holds the path's median run
+    (a machine's passing load then hits every path alike)."""
     from unmerge.stats.fisher import diagonal_fisher
 
     model, tokenizer = MODELS[model_name]()
     data = encode_examples(tokenizer, load_texts("builtin:clean-demo")[:examples], max_length)
     order = ["loop"] + [p for p in paths if p != "loop"]
-    runs = {}
     for path in order:
         diagonal_fisher(model, data[:2], batch_size=2, path=path, level=level, progress=False)
-        runs[path] = timed(lambda p=path: diagonal_fisher(model, data, batch_size=batch_size, path=p, level=level,
-                                                          progress=False))
+    rounds: dict[str, list[Timed]] = {path: [] for path in order}
+    for _ in range(max(1, repeat)):
+        for path in order:
+            rounds[path].append(timed(lambda p=path: diagonal_fisher(model, data, batch_size=batch_size, path=p,
+                                                                     level=level, progress=False)))
+    runs = {path: sorted(done, key=lambda run: run.seconds)[len(done) // 2] for path, done in rounds.items()}
     slow = runs["loop"].result[0]
     rows = []
     for path, run in runs.items():
@@ -49,7 +54,7 @@ def bench_fisher(model_name: str, examples: int, batch_size: int, max_length: in
                      "threads": torch.get_num_threads(), "ex_per_s": round(len(data) / run.seconds, 2),
                      "x_loop": round(runs["loop"].seconds / run.seconds, 2),
                      "x_loop_cpu": round(runs["loop"].cpu_seconds / run.cpu_seconds, 2),
-                     "peak_anon_mb": round(run.peak_anon_mb),
+                     "peak_anon_mb": round(max(r.peak_anon_mb for r in rounds[path])), "repeat": len(rounds[path]),
                      "max_rel_diff_vs_loop": f"{max_rel:.1e}"})
     return rows
 

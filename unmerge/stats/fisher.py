@@ -45,7 +45,7 @@ PATHS = ("auto", "hooks", "vmap", "loop")
 VMAP_BUDGET_BYTES = 512 * 1024**2
 # hooks: per-example gradients of one parameter are formed for about this many bytes of examples at a time, so that
 # they stay in cache while squared (`unmerge.stats.fisher_hooks`); a larger weight goes one example at a time
-HOOKS_CHUNK_BYTES = 1024 * 1024
+HOOKS_CHUNK_BYTES = 4 * 1024 * 1024
 
 
 def _pad(batch: list[list[int]], device: torch.device, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,12 +63,11 @@ def draw_labels(logits: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     """One draw per position from softmax(logits [B, P, K]) [B, P], by inverse CDF: u ~ U[0, 1) from a generator
     seeded by ``seeds[row]`` (so a batch gives the same draws as one example at a time), y = the first class whose
     cumulative probability (float64) exceeds u."""
-    out = torch.empty(logits.shape[:2], dtype=torch.long)
-    for row, seed in enumerate(seeds):
-        cdf = torch.softmax(logits[row].detach().double(), dim=-1).cumsum(-1).cpu()
-        u = torch.rand(cdf.shape[0], 1, generator=torch.Generator(device="cpu").manual_seed(seed), dtype=torch.float64)
-        out[row] = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
-    return out.to(logits.device)
+    cdf = torch.softmax(logits.detach().double(), dim=-1).cumsum_(-1).cpu()  # (per row: the batch does not matter)
+    u = torch.stack([torch.rand(cdf.shape[1], 1, generator=torch.Generator(device="cpu").manual_seed(seed),
+                                dtype=torch.float64) for seed in seeds])
+    return torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1
+                                                                                        ).to(logits.device)
 
 
 @torch.no_grad()
