@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from tests.conftest import make_gpt2, perturbed
 from unmerge.checkpoint import Checkpoint
 from unmerge.engine import merge_checkpoints
-from unmerge.errors import MethodError
+from unmerge.errors import MethodError, OutputError
 from unmerge.stats import Statistic
 from unmerge.stats.store import save_statistic
 
@@ -45,6 +45,11 @@ def test_mats_starts_from_the_init_checkpoint_and_records_it(setup, tmp_path):
     info = json.loads((tmp_path / "zero" / "merge_info.json").read_text())
     assert info["params"]["global"] == {"init": "checkpoint", "init_model": str(init_dir), "iterations": 0}
     assert info["per_tensor"]["transformer.h.0.attn.c_attn.weight"]["init"] == "checkpoint"
+    # the init checkpoint is an input like the models: its sha256 is in the model card
+    from unmerge.engine import checkpoint_hash
+
+    assert info["inputs"][str(init_dir)] == checkpoint_hash(Checkpoint(init_dir))
+    assert f"| `{init_dir}` | `{checkpoint_hash(Checkpoint(init_dir))}` |" in (tmp_path / "zero" / "README.md").read_text()
     # converged, the Fisher objective's solution Σ F_i θ_i / Σ F_i does not depend on the initialization
     merge(setup, tmp_path / "ckpt", {"init": "checkpoint", "init_model": str(init_dir), "rtol": 1e-10})
     merge(setup, tmp_path / "ta", {"rtol": 1e-10})
@@ -59,7 +64,26 @@ def test_mats_init_checkpoint_errors(setup, tmp_path):
         merge(setup, tmp_path / "a", {"init": "checkpoint"})
     with pytest.raises(MethodError, match="set init: checkpoint"):
         merge(setup, tmp_path / "b", {"init_model": str(setup[2])})
+    with pytest.raises(MethodError, match="parameter 'init_model' of method 'mats'"):
+        merge(setup, tmp_path / "d", {"init": "checkpoint", "init_model": str(tmp_path / "nowhere")})
+    with pytest.raises(OutputError, match="is inside the input"):  # the output may not overwrite the init
+        merge(setup, setup[2], {"init": "checkpoint", "init_model": str(setup[2])})
     wider = tmp_path / "wider"
     make_gpt2(n_embd=32).save_pretrained(wider)
     with pytest.raises(MethodError, match="has shape"):
         merge(setup, tmp_path / "c", {"init": "checkpoint", "init_model": str(wider)})
+
+
+def test_init_model_in_a_config_file_resolves_against_the_file(setup, tmp_path):
+    import yaml
+
+    from unmerge.merge_config import merge as merge_file
+
+    base, fts, init_dir, _ = setup
+    config = {"merge_method": "mats", "base_model": str(base),
+              "models": [{"model": str(d), "fisher": f"fisher{i}"} for i, d in enumerate(fts)],
+              "parameters": {"init": "checkpoint", "init_model": init_dir.name, "iterations": 0}}
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
+    merge_file(tmp_path / "merge.yaml", tmp_path / "out", device="cpu", progress=False)
+    info = json.loads((tmp_path / "out" / "merge_info.json").read_text())
+    assert info["params"]["global"]["init_model"] == str(init_dir) and str(init_dir) in info["inputs"]

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unmerge.checkpoint import Checkpoint, ShardedWriter, atomic_output_dir, sha256_file, write_json_atomic
-from unmerge.errors import CheckpointError, MethodError, StatisticError
+from unmerge.errors import CheckpointError, MethodError, StatisticError, UnmergeError
 from unmerge.methods import Method, TensorTask, get_method
 from unmerge.methods.params import ParamPlan
 from unmerge.stats import Statistic
@@ -181,6 +181,10 @@ def merge_checkpoints(
             raise StatisticError(f"method '{method.name}' needs {want} '{kind}' statistic(s), got "
                                  f"{len(stats.get(kind, []))}", f"pass --{kind.replace('_', '-')} paths")
     reference = base or models[0]
+    n_layers = (reference.config or {}).get("num_hidden_layers") or (reference.config or {}).get("n_layer")
+    plan = ParamPlan.build(method, params, model_params or [{} for _ in models], n_layers)
+    _fill_counts_from_stats(plan, stats)
+    extra_inputs = _checkpoint_params(plan)
     skips = _tied_skips(reference)
     names = [n for n in reference.names() if n not in skips]
     check_compatible(reference, [m for m in models if m is not reference], names)
@@ -189,7 +193,8 @@ def merge_checkpoints(
     # The sha256 of every input goes into the model card. Statistics are checked against their model's hash before
     # any compute; otherwise the hashing (I/O and SHA, which releases the GIL) overlaps the merge on a thread.
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unmerge-hash")
-    pending_hashes = hasher.submit(lambda: {str(c.path): checkpoint_hash(c) for c in ([base] if base else []) + models})
+    pending_hashes = hasher.submit(lambda: {str(c.path): checkpoint_hash(c)
+                                            for c in ([base] if base else []) + models + extra_inputs})
     hasher.shutdown(wait=False)
     hashes = pending_hashes.result() if stats else {}
     for kind, items in stats.items():
@@ -198,14 +203,11 @@ def merge_checkpoints(
             check_statistic(stat, owner, float_names, hashes.get(str(owner.path)), force, kind)
             hashes[str(stat.path)] = checkpoint_hash(stat.checkpoint)
 
-    n_layers = (reference.config or {}).get("num_hidden_layers") or (reference.config or {}).get("n_layer")
-    plan = ParamPlan.build(method, params, model_params or [{} for _ in models], n_layers)
-    _fill_counts_from_stats(plan, stats)
 
     dev = resolve_device(device)
     result = MergeResult(Path(out_dir), method.name, plan.as_dict())
-    inputs = [c.directory for c in ([base] if base else []) + models] + [s.checkpoint.directory for v in stats.values()
-                                                                       for s in v]
+    inputs = [c.directory for c in ([base] if base else []) + models + extra_inputs] + [
+        s.checkpoint.directory for v in stats.values() for s in v]
     any_nonzero = {(kind, i): False for kind, items in stats.items() for i in range(len(items))}
     key_kind: dict[str, str] = {}  # task.stats key -> statistic kind ('kfac.A' -> 'kfac')
 
@@ -435,6 +437,22 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     if all(map_chunks(lambda s, e: bool(torch.isfinite(flat[s:e].sum())), flat.numel(), flat)):
         return True
     return all(map_chunks(lambda s, e: bool(torch.isfinite(flat[s:e]).all()), flat.numel(), flat))
+
+
+def _checkpoint_params(plan: ParamPlan) -> list[Checkpoint]:
+    """The checkpoints named by ``input_checkpoint`` parameters (global values; a missing one is an error here,
+    before any compute)."""
+    found = []
+    for param in plan.method.params:
+        value = plan.global_values.get(param.name) if param.input_checkpoint else None
+        if not value:
+            continue
+        try:
+            found.append(Checkpoint(value))
+        except UnmergeError as exc:
+            raise MethodError(f"parameter '{param.name}' of method '{plan.method.name}': {exc.message}",
+                              exc.hint) from exc
+    return found
 
 
 def _fill_counts_from_stats(plan: ParamPlan, stats: dict[str, list[Statistic]]) -> None:

@@ -164,6 +164,9 @@ def parse_config(data: Any, root: Path | None = None) -> MergeConfig:
             models, base = base_entries[:1] + models, None
 
     params = _params(data.get("parameters"), "parameters")
+    for key, value in params.items():  # checkpoint paths among the parameters resolve like the models
+        if method.param(key).input_checkpoint and isinstance(value, str):
+            params[key] = _resolve(value, f"parameters.{key}", root)
     ParamPlan.build(method, params, [m.params for m in models])
     base_stats = {kind: _resolve(data[kind], kind, root) for kind in BASE_STATS if kind in data}
     _check_stats(method, models, base_stats, base, required_stats(method, params))

@@ -206,7 +206,8 @@ register(ObjectiveMethod(
         OBJECTIVE,
         Param("init", "task_arithmetic", str, "initialization θ⁽⁰⁾: task_arithmetic, average, base or checkpoint "
               "(init_model)", choices=INITS),
-        Param("init_model", None, str, "init: checkpoint: the model directory θ⁽⁰⁾ is read from, per tensor"),
+        Param("init_model", None, str, "init: checkpoint: the model directory θ⁽⁰⁾ is read from, per tensor",
+              input_checkpoint=True),
         Param("lambda", 0.3, float, "λ of the task_arithmetic initialization", aliases=("scaling_coef",)),
         Param("iterations", 100, int, "maximum CG iterations per tensor", minimum=0),
         Param("rtol", 1e-6, float, "stop when ‖b − Mθ‖ ≤ rtol·‖b‖", minimum=0.0),

@@ -27,6 +27,9 @@ class Param:
     min_exclusive: bool = False
     choices: tuple[Any, ...] | None = None
     aliases: tuple[str, ...] = ()
+    # the value is the path of a checkpoint the method reads (e.g. mats' init_model): the engine hashes it with the
+    # other inputs into the model card and never lets the output overwrite it
+    input_checkpoint: bool = False
 
     def check(self, value: Any, method: str) -> Any:
         """Validate and coerce one scalar value; raise a ``MethodError`` naming the method and parameter."""
