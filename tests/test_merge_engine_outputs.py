@@ -85,3 +85,23 @@ def test_prepare_step_runs_one_tensor_ahead_on_the_loader_thread(tmp_path):
     name = "transformer.h.0.mlp.c_fc.weight"
     want = ties(ckpts[0].get(name), [c.get(name) for c in ckpts[1:]], [1.0, 0.5], [0.4, 0.4], 1.0, "mergekit")
     assert torch.equal(stored[name], want)
+
+
+def test_an_output_that_overflows_its_dtype_is_refused_and_nothing_is_written(tmp_path):
+    """Checked as stored (on the writer's thread): a float16 output above 65504 would be Inf."""
+    import pytest
+
+    from unmerge.errors import MethodError
+
+    base = make_gpt2()
+    dirs = [tmp_path / n for n in ("base", "ft")]
+    for model, d in zip([base, perturbed(base, 1)], dirs):
+        model.save_pretrained(d)
+    config = {"merge_method": "task_arithmetic", "base_model": str(dirs[0]), "dtype": "float16",
+              "models": [{"model": str(dirs[1]), "parameters": {"weight": 1.0}}], "parameters": {"lambda": 1e9}}
+    with pytest.raises(MethodError, match=r"produced NaN/Inf in '.*' \(stored as torch.float16\)"):
+        merge(config, tmp_path / "out", device="cpu", progress=False)
+    assert not (tmp_path / "out").exists()
+    config["dtype"] = "float32"
+    merge(config, tmp_path / "out", device="cpu", progress=False)  # representable in float32
+    assert (tmp_path / "out" / "model.safetensors").is_file()

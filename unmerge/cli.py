@@ -294,8 +294,10 @@ def bench() -> None:
               help="the mergekit-yaml executable (e.g. in its own virtualenv)  [default: mergekit-yaml on PATH]")
 @click.option("--device", default="cpu", show_default=True, help="device for unmerge's math (cpu, cuda, auto)")
 @click.option("--threads", type=int, help="torch CPU threads of every job (OMP_NUM_THREADS), mergekit's included")
+@click.option("--repeat", type=int, default=3, show_default=True,
+              help="runs of every job, in rounds; each row is the job's median run")
 @friendly
-def bench_merge(size, n_models, methods, workdir, mergekit, mergekit_bin, device, threads):
+def bench_merge(size, n_models, methods, workdir, mergekit, mergekit_bin, device, threads, repeat):
     """Streaming merge against the I/O floor (and mergekit): wall time, ratio, peak RSS and anonymous memory."""
     import pandas as pd
 
@@ -303,7 +305,7 @@ def bench_merge(size, n_models, methods, workdir, mergekit, mergekit_bin, device
     from unmerge.checkpoint.writer import parse_size
 
     rows = run_bench(Path(workdir), parse_size(size), n_models, tuple(m for m in methods.split(",") if m), mergekit,
-                     mergekit_bin, device, threads)
+                     mergekit_bin, device, threads, repeat)
     with pd.option_context("display.max_colwidth", 120, "display.width", 200):
         click.echo(pd.DataFrame(rows).fillna("").to_string(index=False))
 

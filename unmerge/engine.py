@@ -9,7 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -316,13 +316,19 @@ def merge_checkpoints(
                 task = task or prepared(make_task(name, base_t, model_ts, stat_ts, layer, context))
                 merged = method.fn(task)
                 record, task = task.record, None  # the inputs (device copies) go now
-                if not _all_finite(merged):
+
+                def check(out: torch.Tensor, name: str = name, inputs: list = ([base_t] if base else []) + model_ts,
+                          ) -> None:
+                    """No NaN/Inf is written (on the writer's thread: the read overlaps the next tensor's math)."""
+                    if _all_finite(out):
+                        return
                     if method.propagates_nonfinite:  # the inputs were not checked on the way in: name the culprit
-                        _check_finite(name, ([base] if base else []) + models,
-                                      ([base_t] if base else []) + model_ts)
-                    raise MethodError(f"method '{method.name}' produced NaN/Inf in '{name}'",
-                                      "check the inputs for NaN/Inf and the method parameters")
-                behind.add(name, merged.to(out_dtype))
+                        _check_finite(name, ([base] if base else []) + models, inputs)
+                    raise MethodError(f"method '{method.name}' produced NaN/Inf in '{name}' (stored as {out.dtype})",
+                                      "check the inputs for NaN/Inf and the method parameters; a float16 output "
+                                      "overflows above 65504: choose dtype bfloat16 or float32")
+
+                behind.add(name, merged.to(out_dtype), check)
                 merged = None  # (written, or being written: at most one more small tensor is alive)
                 if record:
                     result.per_tensor[name] = record
@@ -346,8 +352,9 @@ def merge_checkpoints(
 
 
 class _WriteBehind:
-    """Output tensors up to ``LIMIT`` bytes are written on a thread, one at a time, while the next tensor is merged;
-    larger ones are written in place. So writing overlaps the math at the cost of one small tensor held."""
+    """Output tensors up to ``LIMIT`` bytes are checked (``check``, e.g. for NaN/Inf) and written on a thread, one
+    at a time, while the next tensor is merged; larger ones in place. So the output's last read and its write
+    overlap the math at the cost of one small tensor held; a failed check surfaces at the next ``add``/``wait``."""
 
     LIMIT = 64 * 1024**2
 
@@ -356,12 +363,17 @@ class _WriteBehind:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unmerge-write")
         self.pending = None
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: torch.Tensor, check: Callable[[torch.Tensor], None] | None = None) -> None:
         self.wait()
         if tensor.numel() * tensor.element_size() <= self.LIMIT:
-            self.pending = self.pool.submit(self.writer.add, name, tensor)
+            self.pending = self.pool.submit(self._checked_add, name, tensor, check)
         else:
-            self.writer.add(name, tensor)
+            self._checked_add(name, tensor, check)
+
+    def _checked_add(self, name: str, tensor: torch.Tensor, check: Callable[[torch.Tensor], None] | None) -> None:
+        if check is not None:
+            check(tensor)
+        self.writer.add(name, tensor)
 
     def wait(self) -> None:
         if self.pending is not None:

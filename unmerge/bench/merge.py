@@ -137,14 +137,17 @@ def _settle() -> float:
 
 def bench_merge(workdir: Path, size_bytes: int, n_models: int = 3, methods: tuple[str, ...] = ("task_arithmetic",
                 "ties"), with_mergekit: bool = True, mergekit_bin: str | None = None,
-                device: str = "cpu", threads: int | None = None) -> list[dict]:
+                device: str = "cpu", threads: int | None = None, repeat: int = 1) -> list[dict]:
     """Figures for each job: seconds, ratio to the I/O floor, peak RSS and peak anonymous memory (MB), and for
     mergekit jobs the ratio of mergekit's time to ours and the largest difference between the two outputs.
 
     Our merges write the sha256 of every input into the model card; a file's digest is computed once per file
-    version (``unmerge.checkpoint.hashing``). The first job (``cold hashes``) starts from an empty digest cache and
-    so pays for hashing every input; the other unmerge jobs find the digests known, as a repeated merge of the same
-    models does. ``threads`` sets ``OMP_NUM_THREADS`` (torch's thread count) for every job, mergekit's included."""
+    version (``unmerge.checkpoint.hashing``). The first job (``cold hashes``, run once) starts from an empty digest
+    cache and so pays for hashing every input; the other unmerge jobs find the digests known, as a repeated merge
+    of the same models does. ``threads`` sets ``OMP_NUM_THREADS`` (torch's thread count) for every job, mergekit's
+    included. With ``repeat`` > 1 every other job runs that many times in rounds (floor, then each method's jobs)
+    and each row holds the job's median run, its ratios taken against the median floor: a passing load then
+    hits every job alike."""
     workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "UNMERGE_CACHE": str(workdir / "cache")}
     if threads:
@@ -164,52 +167,61 @@ def bench_merge(workdir: Path, size_bytes: int, n_models: int = 3, methods: tupl
     if with_mergekit and mergekit_bin and mergekit is None:
         raise FileNotFoundError(f"--mergekit-bin '{mergekit_bin}' is not an executable file or a command on PATH")
 
-    rows: list[dict] = []
+    runs: dict[str, list[tuple[JobFigures, float]]] = {}  # label -> (figures, load when it started), in run order
+    differences: dict[str, float | None] = {}
 
-    def record(job: JobFigures, load: float, floor: float | None, extra: dict | None = None) -> None:
-        rows.append({"job": job.label, "seconds": round(job.seconds, 2),
-                     "x_floor": round(job.seconds / floor, 2) if floor else 1.0, "cpu_s": round(job.cpu_seconds, 2),
-                     "peak_rss_mb": round(job.peak_rss_mb), "peak_anon_mb": round(job.peak_anon_mb),
-                     "load_1m": round(load, 2), "ok": job.returncode == 0,
-                     **(extra or {}), "error": "" if job.returncode == 0 else job.output[-500:]})
-
-    floor_out = workdir / "out-floor"
-    shutil.rmtree(floor_out, ignore_errors=True)
-    load = _settle()
-    floor_job = run_monitored("io-floor", python_job(FLOOR_CODE) + [",".join(map(str, inputs)), str(floor_out)],
-                              env=env)
-    floor = floor_job.seconds if floor_job.returncode == 0 else None
-    record(floor_job, load, floor)
-    shutil.rmtree(floor_out, ignore_errors=True)
-
-    def run_ours(method: str, out: Path, label: str) -> JobFigures:
+    def run(label: str, argv: list[str], out: Path) -> JobFigures:
         shutil.rmtree(out, ignore_errors=True)
         load = _settle()
-        job = run_monitored(label, python_job(OURS_CODE) + [
-            json.dumps(job_config(method, base, models, ours=True)), str(out), device], env=env)
-        record(job, load, floor)
+        job = run_monitored(label, argv, env=env)
+        runs.setdefault(label, []).append((job, load))
         return job
+
+    def ours(method: str, out: Path, label: str) -> JobFigures:
+        return run(label, python_job(OURS_CODE) + [json.dumps(job_config(method, base, models, ours=True)), str(out),
+                                                   device], out)
 
     if methods:
         shutil.rmtree(workdir / "cache" / "hashes", ignore_errors=True)
-        run_ours(methods[0], workdir / "out-unmerge-cold", f"unmerge:{methods[0]} (cold hashes)")
+        ours(methods[0], workdir / "out-unmerge-cold", f"unmerge:{methods[0]} (cold hashes)")
         shutil.rmtree(workdir / "out-unmerge-cold", ignore_errors=True)
-    for method in methods:
-        out = workdir / f"out-unmerge-{method}"
-        ours = run_ours(method, out, f"unmerge:{method}")
-        if mergekit:
-            yaml_file = workdir / f"mergekit-{method}.yaml"
-            yaml_file.write_text(json.dumps(job_config(method, base, models, ours=False)))  # JSON is YAML
-            theirs_out = workdir / f"out-mergekit-{method}"
-            shutil.rmtree(theirs_out, ignore_errors=True)
-            load = _settle()
-            theirs = run_monitored(f"mergekit:{method}", [mergekit, str(yaml_file), str(theirs_out)], env=env)
-            both = ours.returncode == 0 and theirs.returncode == 0
-            record(theirs, load, floor, {
-                "x_ours": round(theirs.seconds / ours.seconds, 2) if both else None,
-                "max_abs_diff": max_abs_difference(out, theirs_out) if both else None})
-            shutil.rmtree(theirs_out, ignore_errors=True)
-        shutil.rmtree(out, ignore_errors=True)
+    for _ in range(max(1, repeat)):
+        floor_out = workdir / "out-floor"
+        run("io-floor", python_job(FLOOR_CODE) + [",".join(map(str, inputs)), str(floor_out)], floor_out)
+        shutil.rmtree(floor_out, ignore_errors=True)
+        for method in methods:
+            out = workdir / f"out-unmerge-{method}"
+            mine = ours(method, out, f"unmerge:{method}")
+            if mergekit:
+                yaml_file = workdir / f"mergekit-{method}.yaml"
+                yaml_file.write_text(json.dumps(job_config(method, base, models, ours=False)))  # JSON is YAML
+                theirs_out = workdir / f"out-mergekit-{method}"
+                theirs = run(f"mergekit:{method}", [mergekit, str(yaml_file), str(theirs_out)], theirs_out)
+                if mine.returncode == 0 and theirs.returncode == 0:
+                    differences[f"mergekit:{method}"] = max_abs_difference(out, theirs_out)
+                shutil.rmtree(theirs_out, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+
+    def median(label: str) -> tuple[JobFigures, float]:
+        done = sorted(runs[label], key=lambda item: item[0].seconds)
+        return done[len(done) // 2]
+
+    floor_job = median("io-floor")[0]
+    floor = floor_job.seconds if floor_job.returncode == 0 else None
+    rows: list[dict] = []
+    for label in ["io-floor"] + [k for k in runs if k != "io-floor"]:
+        job, load = median(label)
+        row = {"job": label, "seconds": round(job.seconds, 2),
+               "x_floor": round(job.seconds / floor, 2) if floor else 1.0, "cpu_s": round(job.cpu_seconds, 2),
+               "peak_rss_mb": round(job.peak_rss_mb), "peak_anon_mb": round(max(j.peak_anon_mb for j, _ in runs[label])),
+               "load_1m": round(load, 2), "runs": len(runs[label]),
+               "ok": all(j.returncode == 0 for j, _ in runs[label])}
+        if label.startswith("mergekit:"):
+            mine = median("unmerge:" + label.split(":", 1)[1])[0]
+            row["x_ours"] = round(job.seconds / mine.seconds, 2) if row["ok"] else None
+            row["max_abs_diff"] = differences.get(label)
+        failed = [j for j, _ in runs[label] if j.returncode != 0]
+        rows.append({**row, "error": failed[0].output[-500:] if failed else ""})
     rows.append({"job": "model", "error": f"{config['num_hidden_layers']} layers, {size_bytes / 1024**3:.2f} GB per "
                  f"checkpoint, {n_models} checkpoints, largest tensor "
                  f"{config['vocab_size'] * config['hidden_size'] * 4 / 1024**2:.0f} MB, {os.cpu_count()} CPUs, "

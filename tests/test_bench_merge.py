@@ -1,0 +1,22 @@
+"""``unmerge bench merge`` on a tiny synthetic model: rounds of every job, median rows, ratios to the floor."""
+from __future__ import annotations
+
+from unmerge.bench import merge as bench
+
+
+def test_bench_merge_runs_rounds_and_reports_medians(tmp_path, monkeypatch):
+    tiny = {**bench.llama_shape(0), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 1, "num_key_value_heads": 1, "vocab_size": 128}
+    monkeypatch.setattr(bench, "llama_shape", lambda size_bytes: tiny)
+    rows = bench.bench_merge(tmp_path, 1, methods=("task_arithmetic", "ties"), with_mergekit=False, threads=1,
+                             repeat=2)
+    by_job = {row["job"]: row for row in rows}
+    assert list(by_job) == ["io-floor", "unmerge:task_arithmetic (cold hashes)", "unmerge:task_arithmetic",
+                            "unmerge:ties", "model"]
+    assert by_job["io-floor"]["runs"] == 2 and by_job["unmerge:ties"]["runs"] == 2
+    assert by_job["unmerge:task_arithmetic (cold hashes)"]["runs"] == 1
+    for job in ("io-floor", "unmerge:task_arithmetic", "unmerge:ties"):
+        row = by_job[job]
+        assert row["ok"] and row["error"] == "" and row["seconds"] > 0
+        assert abs(row["x_floor"] - row["seconds"] / by_job["io-floor"]["seconds"]) < 0.02
+    assert "2 layers" in by_job["model"]["error"]
