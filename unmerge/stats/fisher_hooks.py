@@ -114,10 +114,7 @@ class _LayerNorm(_Handler):
         return None
 
     def save(self, module, x, out, verify):
-        xf = x.detach().float()
-        mean = xf.mean(-1, keepdim=True)
-        var = (xf - mean).pow(2).mean(-1, keepdim=True)
-        xhat = (xf - mean) * torch.rsqrt(var + module.eps)
+        xhat = nn.functional.layer_norm(x.detach().float(), module.normalized_shape, eps=module.eps)  # (x − μ)/σ
         if not verify:
             return xhat
         recomputed = xhat * module.weight.detach().float() if module.weight is not None else xhat
