@@ -317,13 +317,13 @@ def merge_checkpoints(
                 merged = method.fn(task)
                 record, task = task.record, None  # the inputs (device copies) go now
 
-                def check(out: torch.Tensor, name: str = name, inputs: list = ([base_t] if base else []) + model_ts,
-                          ) -> None:
+                def check(out: torch.Tensor, name: str = name) -> None:
                     """No NaN/Inf is written (on the writer's thread: the read overlaps the next tensor's math)."""
                     if _all_finite(out):
                         return
                     if method.propagates_nonfinite:  # the inputs were not checked on the way in: name the culprit
-                        _check_finite(name, ([base] if base else []) + models, inputs)
+                        ckpts = ([base] if base else []) + models  # (re-read: nothing is held for this case)
+                        _check_finite(name, ckpts, [c.get(name) for c in ckpts])
                     raise MethodError(f"method '{method.name}' produced NaN/Inf in '{name}' (stored as {out.dtype})",
                                       "check the inputs for NaN/Inf and the method parameters; a float16 output "
                                       "overflows above 65504: choose dtype bfloat16 or float32")
