@@ -322,8 +322,8 @@ class MultiTaskRun:
         device = resolve_device(self.device)
         model, tokenizer = load_causal_lm(self.base_dir(), device=str(device))
         encoded = encode_examples(tokenizer, used, cfg["max_length"])
-        run = EstimationRun(str(self.body_base), self.body_base, device, model, texts, used, encoded, cfg["max_length"],
-                   time.perf_counter())
+        run = EstimationRun(str(self.body_base), self.body_base, device, model, texts, used, encoded,
+                            cfg["max_length"], time.perf_counter())
         fisher, info = diagonal_fisher(model, encoded, estimator=self.recipe["stats"]["estimator"],
                                        batch_size=self.recipe["stats"]["batch_size"], seed=self.recipe["seed"],
                                        progress=self.progress)
