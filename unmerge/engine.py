@@ -9,7 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -317,19 +317,16 @@ def merge_checkpoints(
                 merged = method.fn(task)
                 record, task = task.record, None  # the inputs (device copies) go now
 
-                def check(out: torch.Tensor, name: str = name) -> None:
-                    """No NaN/Inf is written (on the writer's thread: the read overlaps the next tensor's math)."""
-                    if _all_finite(out):
-                        return
+                stored = merged.to(out_dtype)
+                merged = None
+                if not _all_finite(stored):  # checked as stored: a float16 overflow is refused too
                     if method.propagates_nonfinite:  # the inputs were not checked on the way in: name the culprit
-                        ckpts = ([base] if base else []) + models  # (re-read: nothing is held for this case)
-                        _check_finite(name, ckpts, [c.get(name) for c in ckpts])
-                    raise MethodError(f"method '{method.name}' produced NaN/Inf in '{name}' (stored as {out.dtype})",
-                                      "check the inputs for NaN/Inf and the method parameters; a float16 output "
-                                      "overflows above 65504: choose dtype bfloat16 or float32")
-
-                behind.add(name, merged.to(out_dtype), check)
-                merged = None  # (written, or being written: at most one more small tensor is alive)
+                        _check_finite(name, ([base] if base else []) + models, ([base_t] if base else []) + model_ts)
+                    raise MethodError(f"method '{method.name}' produced NaN/Inf in '{name}' (stored as "
+                                      f"{stored.dtype})", "check the inputs for NaN/Inf and the method parameters; "
+                                      "a float16 output overflows above 65504: choose dtype bfloat16 or float32")
+                behind.add(name, stored)
+                stored = None  # (written, or being written: at most one more small tensor is alive)
                 if record:
                     result.per_tensor[name] = record
         for (kind, j), seen in any_nonzero.items():
@@ -352,9 +349,8 @@ def merge_checkpoints(
 
 
 class _WriteBehind:
-    """Output tensors up to ``LIMIT`` bytes are checked (``check``, e.g. for NaN/Inf) and written on a thread, one
-    at a time, while the next tensor is merged; larger ones in place. So the output's last read and its write
-    overlap the math at the cost of one small tensor held; a failed check surfaces at the next ``add``/``wait``."""
+    """Output tensors up to ``LIMIT`` bytes are written on a thread, one at a time, while the next tensor is merged;
+    larger ones are written in place. So writing overlaps the math at the cost of one small tensor held."""
 
     LIMIT = 64 * 1024**2
 
@@ -363,17 +359,12 @@ class _WriteBehind:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unmerge-write")
         self.pending = None
 
-    def add(self, name: str, tensor: torch.Tensor, check: Callable[[torch.Tensor], None] | None = None) -> None:
+    def add(self, name: str, tensor: torch.Tensor) -> None:
         self.wait()
         if tensor.numel() * tensor.element_size() <= self.LIMIT:
-            self.pending = self.pool.submit(self._checked_add, name, tensor, check)
+            self.pending = self.pool.submit(self.writer.add, name, tensor)
         else:
-            self._checked_add(name, tensor, check)
-
-    def _checked_add(self, name: str, tensor: torch.Tensor, check: Callable[[torch.Tensor], None] | None) -> None:
-        if check is not None:
-            check(tensor)
-        self.writer.add(name, tensor)
+            self.writer.add(name, tensor)
 
     def wait(self) -> None:
         if self.pending is not None:
