@@ -203,7 +203,6 @@ def merge_checkpoints(
             check_statistic(stat, owner, float_names, hashes.get(str(owner.path)), force, kind)
             hashes[str(stat.path)] = checkpoint_hash(stat.checkpoint)
 
-
     dev = resolve_device(device)
     result = MergeResult(Path(out_dir), method.name, plan.as_dict())
     inputs = [c.directory for c in ([base] if base else []) + models + extra_inputs] + [
@@ -316,7 +315,6 @@ def merge_checkpoints(
                 task = task or prepared(make_task(name, base_t, model_ts, stat_ts, layer, context))
                 merged = method.fn(task)
                 record, task = task.record, None  # the inputs (device copies) go now
-
                 stored = merged.to(out_dtype)
                 merged = None
                 if not _all_finite(stored):  # checked as stored: a float16 overflow is refused too
