@@ -105,3 +105,26 @@ def test_an_output_that_overflows_its_dtype_is_refused_and_nothing_is_written(tm
     config["dtype"] = "float32"
     merge(config, tmp_path / "out", device="cpu", progress=False)  # representable in float32
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_nan_input_of_a_method_with_a_prepare_step_is_named(tmp_path):
+    """TIES's inputs are checked on the merging thread after its prepare step ran on them: the error still names
+    the file and the tensor, and nothing is written."""
+    import pytest
+
+    from unmerge.errors import CheckpointError
+
+    base = make_gpt2()
+    dirs = [tmp_path / n for n in ("base", "ft1", "ft2")]
+    for model, d in zip([base, perturbed(base, 1), perturbed(base, 2)], dirs):
+        model.save_pretrained(d)
+    state = load_file(dirs[2] / "model.safetensors")
+    name = "transformer.h.1.mlp.c_fc.weight"
+    state[name][3, 5] = float("nan")
+    save_file(state, dirs[2] / "model.safetensors", metadata={"format": "pt"})
+    for scope in ("per_tensor", "global"):
+        config = {"merge_method": "ties", "base_model": str(dirs[0]), "parameters": {"density": 0.5, "scope": scope},
+                  "models": [{"model": str(d)} for d in dirs[1:]]}
+        with pytest.raises(CheckpointError, match=f"tensor '{name}' in '{dirs[2] / 'model.safetensors'}' has NaN"):
+            merge(config, tmp_path / "out", device="cpu", progress=False)
+        assert not (tmp_path / "out").exists()

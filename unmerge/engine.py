@@ -210,15 +210,17 @@ def merge_checkpoints(
     any_nonzero = {(kind, i): False for kind, items in stats.items() for i in range(len(items))}
     key_kind: dict[str, str] = {}  # task.stats key -> statistic kind ('kfac.A' -> 'kfac')
 
-    def load(name: str) -> tuple[torch.Tensor | None, list[torch.Tensor], dict[str, list[torch.Tensor]], dict]:
+    def load(name: str, check: bool = True
+             ) -> tuple[torch.Tensor | None, list[torch.Tensor], dict[str, list[torch.Tensor]], dict]:
         """Tensors of ``name``; statistics under their ``task.stats`` keys (``layer_stat_names``: the parameter's
         own name, or ``<module>.<factor>`` for per-layer statistics, which exist for linear-layer weights only);
-        and the description of the layer (from the per-layer statistics' metadata, e.g. its weight layout)."""
+        and the description of the layer (from the per-layer statistics' metadata, e.g. its weight layout).
+        ``check``: refuse NaN/Inf inputs here (unless the method propagates them to its output)."""
         base_t = base.get(name) if base else None
         model_ts = [m.get(name) for m in models]
         stat_ts, layer = {}, {}
         if name in float_names:
-            if not method.propagates_nonfinite:
+            if check and not method.propagates_nonfinite:
                 _check_finite(name, ([base] if base else []) + models, ([base_t] if base else []) + model_ts)
             for kind, items in stats.items():
                 for key, tensor in layer_stat_names(kind, name).items():
@@ -238,6 +240,9 @@ def merge_checkpoints(
         return base_t, model_ts, stat_ts, layer
 
     uploader = _Uploader(dev) if dev.type == "cuda" else None
+    # On the CPU a method's prepare step runs on the loader thread, which then also takes the inputs' page faults;
+    # their NaN/Inf check moves to the merging thread (before ``fn``), which balances the two threads.
+    check_after_prepare = uploader is None and method.prepare is not None and not method.propagates_nonfinite
 
     def to_device(loaded: tuple) -> tuple:
         """On CUDA, called on the prefetch thread: the input tensors go to the device through a small pinned staging
@@ -286,10 +291,18 @@ def merge_checkpoints(
         ``prepare`` step (e.g. TIES's top-k passes), also its prepared task, so that the step overlaps the previous
         tensor's ``fn`` (the float32 copies of non-float32 inputs are then made one tensor ahead). On CUDA the
         upload is queued instead and the task is made on the consuming stream."""
-        loaded = to_device(load(name))
+        loaded = to_device(load(name, check=not check_after_prepare))
         if uploader is not None or method.prepare is None or name not in float_names:
             return loaded, None
-        return loaded, prepared(make_task(name, *loaded, context))
+        try:
+            return loaded, prepared(make_task(name, *loaded, context))
+        except Exception:
+            check_inputs(name, loaded)  # a NaN/Inf input is named as such, not as whatever prepare made of it
+            raise
+
+    def check_inputs(name: str, loaded: tuple) -> None:
+        base_t, model_ts = loaded[0], loaded[1]
+        _check_finite(name, ([base] if base else []) + models, ([base_t] if base else []) + model_ts)
 
     # every output tensor's shape and dtype are known up front: the writer streams each to its shard as it comes
     layout = [(n, reference.meta(n)[0], dtype if dtype is not None and n in float_names else reference.meta(n)[1])
@@ -312,6 +325,8 @@ def merge_checkpoints(
                     for j, t in enumerate(ts):
                         if not any_nonzero[(kind, j)] and bool((t != 0).any()):
                             any_nonzero[(kind, j)] = True
+                if check_after_prepare:
+                    check_inputs(name, (base_t, model_ts))
                 task = task or prepared(make_task(name, base_t, model_ts, stat_ts, layer, context))
                 merged = method.fn(task)
                 record, task = task.record, None  # the inputs (device copies) go now
