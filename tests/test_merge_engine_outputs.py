@@ -2,16 +2,23 @@
 config and tokenizer copied, and a model card with the exact config and the sha256 of every input."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import threading
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import make_gpt2, perturbed
 from unmerge.checkpoint import Checkpoint
+from unmerge.engine import merge_checkpoints
+from unmerge.errors import CheckpointError, MethodError
 from unmerge.merge_config import merge
+from unmerge.methods import get_method
+from unmerge.methods.sparsify import ties
 
 
 def _sha(path) -> str:
@@ -51,20 +58,10 @@ def test_tied_heads_int_buffers_and_model_card(tmp_path):
     assert "`lm_head.weight` is tied to `transformer.wte.weight`" in card
 
 
-def test_prepare_step_runs_one_tensor_ahead_on_the_loader_thread(tmp_path):
+def test_prepare_step_runs_one_tensor_ahead_on_the_loader_thread(tmp_path, tiny_gpt2_dirs):
     """A method's ``prepare`` runs on the engine's loader thread (overlapping the previous tensor's ``fn``) and its
     result reaches ``fn`` as ``task.prepared``; TIES through the engine equals TIES called directly."""
-    import dataclasses
-    import threading
-
-    from unmerge.engine import merge_checkpoints
-    from unmerge.methods import get_method
-    from unmerge.methods.sparsify import ties
-
-    base = make_gpt2()
-    dirs = [tmp_path / n for n in ("base", "ft1", "ft2")]
-    for i, (model, d) in enumerate(zip([base, perturbed(base, 1), perturbed(base, 2)], dirs)):
-        model.save_pretrained(d)
+    dirs = tiny_gpt2_dirs
     ties_method = get_method("ties")
     seen: dict[str, tuple[str, str]] = {}
 
@@ -87,16 +84,9 @@ def test_prepare_step_runs_one_tensor_ahead_on_the_loader_thread(tmp_path):
     assert torch.equal(stored[name], want)
 
 
-def test_an_output_that_overflows_its_dtype_is_refused_and_nothing_is_written(tmp_path):
-    """Checked as stored (on the writer's thread): a float16 output above 65504 would be Inf."""
-    import pytest
-
-    from unmerge.errors import MethodError
-
-    base = make_gpt2()
-    dirs = [tmp_path / n for n in ("base", "ft")]
-    for model, d in zip([base, perturbed(base, 1)], dirs):
-        model.save_pretrained(d)
+def test_an_output_that_overflows_its_dtype_is_refused_and_nothing_is_written(tmp_path, tiny_gpt2_dirs):
+    """Checked as stored: a float16 output above 65504 would be Inf."""
+    dirs = tiny_gpt2_dirs
     config = {"merge_method": "task_arithmetic", "base_model": str(dirs[0]), "dtype": "float16",
               "models": [{"model": str(dirs[1]), "parameters": {"weight": 1.0}}], "parameters": {"lambda": 1e9}}
     with pytest.raises(MethodError, match=r"produced NaN/Inf in '.*' \(stored as torch.float16\)"):
@@ -107,17 +97,10 @@ def test_an_output_that_overflows_its_dtype_is_refused_and_nothing_is_written(tm
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
-def test_a_nan_input_of_a_method_with_a_prepare_step_is_named(tmp_path):
+def test_a_nan_input_of_a_method_with_a_prepare_step_is_named(tmp_path, tiny_gpt2_dirs):
     """TIES's inputs are checked on the merging thread after its prepare step ran on them: the error still names
     the file and the tensor, and nothing is written."""
-    import pytest
-
-    from unmerge.errors import CheckpointError
-
-    base = make_gpt2()
-    dirs = [tmp_path / n for n in ("base", "ft1", "ft2")]
-    for model, d in zip([base, perturbed(base, 1), perturbed(base, 2)], dirs):
-        model.save_pretrained(d)
+    dirs = tiny_gpt2_dirs
     state = load_file(dirs[2] / "model.safetensors")
     name = "transformer.h.1.mlp.c_fc.weight"
     state[name][3, 5] = float("nan")

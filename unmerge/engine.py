@@ -210,6 +210,9 @@ def merge_checkpoints(
     any_nonzero = {(kind, i): False for kind, items in stats.items() for i in range(len(items))}
     key_kind: dict[str, str] = {}  # task.stats key -> statistic kind ('kfac.A' -> 'kfac')
 
+    def check_inputs(name: str, base_t: torch.Tensor | None, model_ts: list[torch.Tensor]) -> None:
+        _check_finite(name, ([base] if base else []) + models, ([base_t] if base else []) + model_ts)
+
     def load(name: str, check: bool = True
              ) -> tuple[torch.Tensor | None, list[torch.Tensor], dict[str, list[torch.Tensor]], dict]:
         """Tensors of ``name``; statistics under their ``task.stats`` keys (``layer_stat_names``: the parameter's
@@ -221,7 +224,7 @@ def merge_checkpoints(
         stat_ts, layer = {}, {}
         if name in float_names:
             if check and not method.propagates_nonfinite:
-                _check_finite(name, ([base] if base else []) + models, ([base_t] if base else []) + model_ts)
+                check_inputs(name, base_t, model_ts)
             for kind, items in stats.items():
                 for key, tensor in layer_stat_names(kind, name).items():
                     present = [tensor in s for s in items]
@@ -297,12 +300,9 @@ def merge_checkpoints(
         try:
             return loaded, prepared(make_task(name, *loaded, context))
         except Exception:
-            check_inputs(name, loaded)  # a NaN/Inf input is named as such, not as whatever prepare made of it
+            if check_after_prepare:  # a NaN/Inf input is named as such, not as whatever prepare made of it
+                check_inputs(name, loaded[0], loaded[1])
             raise
-
-    def check_inputs(name: str, loaded: tuple) -> None:
-        base_t, model_ts = loaded[0], loaded[1]
-        _check_finite(name, ([base] if base else []) + models, ([base_t] if base else []) + model_ts)
 
     # every output tensor's shape and dtype are known up front: the writer streams each to its shard as it comes
     layout = [(n, reference.meta(n)[0], dtype if dtype is not None and n in float_names else reference.meta(n)[1])
@@ -326,7 +326,7 @@ def merge_checkpoints(
                         if not any_nonzero[(kind, j)] and bool((t != 0).any()):
                             any_nonzero[(kind, j)] = True
                 if check_after_prepare:
-                    check_inputs(name, (base_t, model_ts))
+                    check_inputs(name, base_t, model_ts)
                 task = task or prepared(make_task(name, base_t, model_ts, stat_ts, layer, context))
                 merged = method.fn(task)
                 record, task = task.record, None  # the inputs (device copies) go now
@@ -334,7 +334,7 @@ def merge_checkpoints(
                 merged = None
                 if not _all_finite(stored):  # checked as stored: a float16 overflow is refused too
                     if method.propagates_nonfinite:  # the inputs were not checked on the way in: name the culprit
-                        _check_finite(name, ([base] if base else []) + models, ([base_t] if base else []) + model_ts)
+                        check_inputs(name, base_t, model_ts)
                     raise MethodError(f"method '{method.name}' produced NaN/Inf in '{name}' (stored as "
                                       f"{stored.dtype})", "check the inputs for NaN/Inf and the method parameters; "
                                       "a float16 output overflows above 65504: choose dtype bfloat16 or float32")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from unmerge.bench.monitor import JobFigures, python_job, run_monitored
+from unmerge.bench.monitor import JobFigures, median_run, python_job, run_monitored
 from unmerge.checkpoint import Checkpoint, ShardedWriter, write_json_atomic
 
 
@@ -153,15 +153,16 @@ def bench_merge(workdir: Path, size_bytes: int, n_models: int = 3, methods: tupl
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     config = llama_shape(size_bytes)
-    base = workdir / "base"
-    if not (base / "config.json").exists() or json.loads((base / "config.json").read_text()) != config:
-        write_synthetic(base, config, seed=0)
-    models = []
-    for i in range(1, n_models):
-        path = workdir / f"model{i}"
+
+    def synthetic(name: str, seed: int, base: Path | None = None) -> Path:
+        """The checkpoint ``workdir/name``, written unless one of this configuration is there already."""
+        path = workdir / name
         if not (path / "config.json").exists() or json.loads((path / "config.json").read_text()) != config:
-            write_synthetic(path, config, seed=i, base=base)
-        models.append(path)
+            write_synthetic(path, config, seed=seed, base=base)
+        return path
+
+    base = synthetic("base", 0)
+    models = [synthetic(f"model{i}", i, base) for i in range(1, n_models)]
     inputs = [base] + models
     mergekit = mergekit_command(mergekit_bin) if with_mergekit else None
     if with_mergekit and mergekit_bin and mergekit is None:
@@ -203,8 +204,7 @@ def bench_merge(workdir: Path, size_bytes: int, n_models: int = 3, methods: tupl
             shutil.rmtree(out, ignore_errors=True)
 
     def median(label: str) -> tuple[JobFigures, float]:
-        done = sorted(runs[label], key=lambda item: item[0].seconds)
-        return done[len(done) // 2]
+        return median_run(runs[label], lambda item: item[0].seconds)
 
     floor_job = median("io-floor")[0]
     floor = floor_job.seconds if floor_job.returncode == 0 else None

@@ -11,6 +11,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -22,6 +25,11 @@ class JobFigures:
     returncode: int
     output: str = ""
     cpu_seconds: float = 0.0  # user + system CPU time of the child (all its threads): what it cost, whatever the load
+
+
+def median_run(runs: list[T], seconds: Callable[[T], float]) -> T:
+    """The median of repeated runs by time (the upper one of the middle two for an even count)."""
+    return sorted(runs, key=seconds)[len(runs) // 2]
 
 
 def _status_kb(pid: int, field: str) -> int:

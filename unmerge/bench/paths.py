@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from unmerge.bench.inprocess import Timed, timed
+from unmerge.bench.monitor import median_run
 from unmerge.data.builtin import builtin_model_path, load_texts
 from unmerge.models import load_causal_lm
 from unmerge.text import encode_examples
@@ -43,7 +44,7 @@ def bench_fisher(model_name: str, examples: int, batch_size: int, max_length: in
         for path in order:
             rounds[path].append(timed(lambda p=path: diagonal_fisher(model, data, batch_size=batch_size, path=p,
                                                                      level=level, progress=False)))
-    runs = {path: sorted(done, key=lambda run: run.seconds)[len(done) // 2] for path, done in rounds.items()}
+    runs = {path: median_run(done, lambda run: run.seconds) for path, done in rounds.items()}
     slow = runs["loop"].result[0]
     rows = []
     for path, run in runs.items():
