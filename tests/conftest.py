@@ -8,6 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="unmerge-hf-home-"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# the native kernels (unmerge.methods.native) are compiled once per session here, not into the user's cache
+os.environ.setdefault("UNMERGE_NATIVE_CACHE", tempfile.mkdtemp(prefix="unmerge-native-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

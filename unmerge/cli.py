@@ -307,7 +307,7 @@ def bench_merge(size, n_models, methods, workdir, mergekit, mergekit_bin, device
     rows = run_bench(Path(workdir), parse_size(size), n_models, tuple(m for m in methods.split(",") if m), mergekit,
                      mergekit_bin, device, threads, repeat)
     with pd.option_context("display.max_colwidth", 120, "display.width", 200):
-        click.echo(pd.DataFrame(rows).fillna("").to_string(index=False))
+        click.echo(pd.DataFrame(rows).astype(object).fillna("").to_string(index=False))
 
 
 @bench.command("fisher")

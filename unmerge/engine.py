@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -309,6 +310,7 @@ def merge_checkpoints(
               for n in names]
     with atomic_output_dir(out_dir, inputs=inputs, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes=max_shard_bytes, layout=layout)
+        buffers = _OutputBuffers()
         with ThreadPoolExecutor(max_workers=1) as pool, _WriteBehind(writer) as behind:
             pending = pool.submit(fetch, names[0]) if names else None
             for i, name in enumerate(tqdm(names, desc=f"merge:{method.name}", disable=not progress, unit="tensor")):
@@ -325,12 +327,16 @@ def merge_checkpoints(
                     for j, t in enumerate(ts):
                         if not any_nonzero[(kind, j)] and bool((t != 0).any()):
                             any_nonzero[(kind, j)] = True
-                if check_after_prepare:
+                if check_after_prepare and not (task is not None and task.inputs_finite):
                     check_inputs(name, base_t, model_ts)
                 task = task or prepared(make_task(name, base_t, model_ts, stat_ts, layer, context))
+                if uploader is None:
+                    task.out = buffers.take((base_t if base_t is not None else model_ts[0]).numel())
                 merged = method.fn(task)
-                record, task = task.record, None  # the inputs (device copies) go now
+                record, buffer, task = task.record, task.out, None  # the inputs (device copies) go now
                 stored = merged.to(out_dtype)
+                recycle = buffers.give if buffer is not None and _same_memory(stored, buffer) else None
+                buffer = None
                 merged = None
                 if not _all_finite(stored):  # checked as stored: a float16 overflow is refused too
                     if method.propagates_nonfinite:  # the inputs were not checked on the way in: name the culprit
@@ -338,7 +344,7 @@ def merge_checkpoints(
                     raise MethodError(f"method '{method.name}' produced NaN/Inf in '{name}' (stored as "
                                       f"{stored.dtype})", "check the inputs for NaN/Inf and the method parameters; "
                                       "a float16 output overflows above 65504: choose dtype bfloat16 or float32")
-                behind.add(name, stored)
+                behind.add(name, stored, recycle)
                 stored = None  # (written, or being written: at most one more small tensor is alive)
                 if record:
                     result.per_tensor[name] = record
@@ -372,12 +378,19 @@ class _WriteBehind:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unmerge-write")
         self.pending = None
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: torch.Tensor, written: Callable[[torch.Tensor], None] | None = None) -> None:
+        """Write ``tensor`` (behind, or now if large); then ``written(tensor)``, if given."""
         self.wait()
-        if tensor.numel() * tensor.element_size() <= self.LIMIT:
-            self.pending = self.pool.submit(self.writer.add, name, tensor)
-        else:
+
+        def write() -> None:
             self.writer.add(name, tensor)
+            if written is not None:
+                written(tensor)
+
+        if tensor.numel() * tensor.element_size() <= self.LIMIT:
+            self.pending = self.pool.submit(write)
+        else:
+            write()
 
     def wait(self) -> None:
         if self.pending is not None:
@@ -392,6 +405,45 @@ class _WriteBehind:
             self.wait()
         finally:
             self.pool.shutdown()
+
+
+class _OutputBuffers:
+    """Float32 output buffers (``TensorTask.out``) recycled once written: fresh memory costs a page fault and the
+    zeroing of every 4 KB page on first write (measured: about twice the time of filling a reused buffer), and a
+    merge repeats a few tensor sizes. Holds at most ``KEEP`` free buffers of a size and, dropping the least recently
+    returned first, no more free elements than the largest tensor seen: the peak grows with the largest tensor, not
+    with the model."""
+
+    KEEP = 2  # one being written behind while the next of the same size is merged
+
+    def __init__(self) -> None:
+        self.free: list[torch.Tensor] = []  # least recently returned first
+        self.lock = threading.Lock()
+        self.largest = 0
+
+    def take(self, numel: int) -> torch.Tensor:
+        """A flat float32 buffer of ``numel`` elements (recycled if one is free; its contents are arbitrary)."""
+        with self.lock:
+            self.largest = max(self.largest, numel)
+            for i in range(len(self.free) - 1, -1, -1):
+                if self.free[i].numel() == numel:
+                    return self.free.pop(i)
+        return torch.empty(numel, dtype=torch.float32)
+
+    def give(self, tensor: torch.Tensor) -> None:
+        """Take back a written output (the buffer handed out, or a view of all of it)."""
+        flat = tensor.reshape(-1)
+        with self.lock:
+            if sum(t.numel() == flat.numel() for t in self.free) < self.KEEP:
+                self.free.append(flat)
+            while sum(t.numel() for t in self.free) > self.largest:
+                self.free.pop(0)
+
+
+def _same_memory(tensor: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """Whether ``tensor`` is the whole of ``buffer`` (the method wrote its output into the buffer it was given)."""
+    return (tensor.dtype == buffer.dtype and tensor.device == buffer.device and tensor.numel() == buffer.numel()
+            and tensor.is_contiguous() and tensor.data_ptr() == buffer.data_ptr())
 
 
 class _Uploader:
@@ -444,12 +496,16 @@ def _check_finite(name: str, ckpts: list[Checkpoint], tensors: list[torch.Tensor
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN/Inf: a finite sum proves it in one read without a mask; only an overflowing sum is checked in full."""
+    """No NaN/Inf. float32 on the CPU: a native bit test per value; else a finite sum proves it in one read without
+    a mask, and only an overflowing sum is checked in full."""
     if not tensor.is_floating_point() or not tensor.numel():
         return True
+    from unmerge.methods import native
     from unmerge.methods.kernels import map_chunks
 
     flat = tensor.reshape(-1)  # chunked sums (a sum in another dtype would first copy the whole tensor)
+    if native.usable(flat):  # float32: a bit test per value
+        return all(map_chunks(lambda s, e: native.all_finite(flat[s:e]), flat.numel(), flat))
     if all(map_chunks(lambda s, e: bool(torch.isfinite(flat[s:e].sum())), flat.numel(), flat)):
         return True
     return all(map_chunks(lambda s, e: bool(torch.isfinite(flat[s:e]).all()), flat.numel(), flat))

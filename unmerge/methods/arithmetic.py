@@ -1,9 +1,12 @@
 """Linear combinations: weighted averaging, task arithmetic and its negation baseline."""
 from __future__ import annotations
 
+import math
+
 import torch
 
-from unmerge.methods.kernels import flat, map_chunks
+from unmerge.methods import native
+from unmerge.methods.kernels import flat, map_chunks, output_buffer
 from unmerge.methods.registry import Method, Param, TensorTask, register
 
 
@@ -29,15 +32,21 @@ def linear(models: list[torch.Tensor], weights: list[float], normalize: bool = T
 
 
 def task_arithmetic(base: torch.Tensor, models: list[torch.Tensor], weights: list[float], lam: float = 1.0,
-                    normalize: bool = False) -> torch.Tensor:
+                    normalize: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """θ = θ₀ + λ Σ_t w_t (θ_t − θ₀)  (÷ Σ_t w_t with ``normalize``, as mergekit: a |Σ w| below 1e-8 divides by 1).
 
     Streamed in chunks (the same arithmetic, element by element, as the whole-tensor expression), so memory-mapped
     inputs cost no copies: the peak is the output plus a few chunks."""
     b, ms = flat(base), [flat(m) for m in models]
-    out = torch.empty_like(b)
+    out = output_buffer(b, out)
     total = sum(weights)
     divisor = total if abs(total) >= 1e-8 else 1.0
+
+    if ms and native.usable(b, out, *ms):  # the same arithmetic in one fused pass
+        keep_all = native.Trim([-math.inf] * len(ms), [1.0] * len(ms), [0.0] * len(ms), [-1] * len(ms))
+        map_chunks(lambda s, e: native.sum_combine(b[s:e], [m[s:e] for m in ms], keep_all, weights, normalize,
+                                                   divisor, lam, out[s:e]), b.numel(), b)
+        return out.view_as(base)
 
     def run(s: int, e: int) -> None:
         acc = None
@@ -58,9 +67,10 @@ def task_arithmetic(base: torch.Tensor, models: list[torch.Tensor], weights: lis
     return out.view_as(base)
 
 
-def negation(base: torch.Tensor, forget: torch.Tensor, alpha: float) -> torch.Tensor:
+def negation(base: torch.Tensor, forget: torch.Tensor, alpha: float, out: torch.Tensor | None = None
+             ) -> torch.Tensor:
     """θ = θ₀ − α (θ_f − θ₀): task arithmetic with weight −α."""
-    return task_arithmetic(base, [forget], [-alpha])
+    return task_arithmetic(base, [forget], [-alpha], out=out)
 
 
 WEIGHT = Param("weight", 1.0, float, "per-model weight w_i (negative to subtract)", per_model=True)
@@ -87,7 +97,8 @@ register(Method(
 
 register(Method(
     name="task_arithmetic",
-    fn=lambda t: task_arithmetic(t.base, t.models, t.params["weight"], t.params["lambda"], t.params["normalize"]),
+    fn=lambda t: task_arithmetic(t.base, t.models, t.params["weight"], t.params["lambda"], t.params["normalize"],
+                                 t.out),
     summary="add scaled task vectors to the base (Ilharco et al., 2023); negation is w < 0",
     formula="θ = θ₀ + λ Σ w_t (θ_t − θ₀)  (÷ Σ w_t with normalize: true)",
     params=(WEIGHT, Param("lambda", 1.0, float, "global scale λ of the summed task vectors", aliases=("scaling_coef",)),
@@ -100,7 +111,7 @@ ALPHA = Param("alpha", 1.0, float, "removal strength α", minimum=0.0, min_exclu
 
 register(Method(
     name="negation",
-    fn=lambda t: negation(t.base, t.models[0], t.params["alpha"]),
+    fn=lambda t: negation(t.base, t.models[0], t.params["alpha"], t.out),
     summary="subtract the forget task vector (task-arithmetic negation baseline)",
     formula="θ = θ₀ − α (θ_f − θ₀)",
     params=(ALPHA,),

@@ -29,7 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
+import numpy as np
 import torch
+
+from unmerge.methods import native
 
 Tensor = torch.Tensor
 
@@ -117,6 +120,14 @@ def flat(t: Tensor) -> Tensor:
     return t.reshape(-1)
 
 
+def output_buffer(like: Tensor, out: Tensor | None) -> Tensor:
+    """``out`` (a caller's flat buffer of ``like``'s size and dtype, e.g. the engine's recycled ``TensorTask.out``),
+    else a fresh tensor like the 1-D ``like``."""
+    if out is None or out.numel() != like.numel() or out.dtype != like.dtype or out.device != like.device:
+        return torch.empty_like(like)
+    return out.reshape(-1)
+
+
 def below(value: float, dtype: torch.dtype) -> float:
     """The largest ``dtype`` value strictly below ``value``: ``|x| > below(v)`` is ``|x| ≥ v`` for ``dtype`` x."""
     v = torch.tensor(value, dtype=dtype)
@@ -133,12 +144,39 @@ class Kth:
     equal: int
     per_chunk: tuple[int, ...] | None = None  # the equal entries in each chunk (of ``chunk`` elements), when known
     chunk: int = 0
+    finite: bool = False  # every |τ| was seen finite on the way (which proves θ₀ and θ_t finite)
+
+
+def kth_smallest(values: Tensor, ks: list[int]) -> list[float]:
+    """The ks[j]-th smallest of a 1-D tensor (1-based, as ``torch.kthvalue``). On the CPU one numpy introselect
+    for all of them (measured 1.2-10x faster than ``torch.kthvalue`` for 65K-550K float32 values)."""
+    if not ks:
+        return []
+    if values.device.type != "cpu" or values.dtype == torch.bfloat16:  # (numpy has no bfloat16)
+        return [float(torch.kthvalue(values, k).values) for k in ks]
+    positions = [k - 1 for k in ks]
+    selected = np.partition(values.detach().numpy(), positions)
+    return [float(selected[p]) for p in positions]
+
+
+def sample_bracket(sample: Tensor, rank: float, floor_value: float) -> tuple[float, float]:
+    """(low, high) values of a sample around its ascending position ``rank`` (fractional): ±6 binomial standard
+    deviations + 8 positions; ``floor_value`` / inf where the bracket passes an end of the sample."""
+    size = sample.numel()
+    p = min(max(rank / size, 1e-9), 1 - 1e-9)
+    spread = 6.0 * math.sqrt(size * p * (1 - p)) + 8
+    low_pos, high_pos = math.floor(rank - spread), math.ceil(rank + spread)
+    inside = [pos + 1 for pos in (low_pos, high_pos) if 0 <= pos < size]
+    found = iter(kth_smallest(sample, inside))
+    low = floor_value if low_pos < 0 else next(found)
+    high = math.inf if high_pos >= size else next(found)
+    return low, high
 
 
 def _direct(a: Tensor, k: int, chunk: int = 0) -> Kth:
-    v = torch.kthvalue(a, a.numel() - k + 1).values
+    v = kth_smallest(a, [a.numel() - k + 1])[0]
     equal = int(torch.count_nonzero(a == v))
-    return Kth(float(v), int(torch.count_nonzero(a > v)), equal, (equal,) if a.numel() <= chunk else None, chunk)
+    return Kth(v, int(torch.count_nonzero(a > v)), equal, (equal,) if a.numel() <= chunk else None, chunk)
 
 
 @functools.lru_cache(maxsize=16)
@@ -174,12 +212,8 @@ def kth_largest_abs(base: Tensor, models: list[Tensor], ks: list[int]) -> list[K
 
     def bracket(i: int) -> tuple[float, float]:
         sample = ms[i].index_select(0, positions).sub_(base_sample).abs_()
-        rank = (n - ks[i]) / n * size  # ascending position of the wanted value in the sorted sample
-        spread = 6.0 * math.sqrt(size * max(rank / size, 1e-9) * max(1 - rank / size, 1e-9)) + 8
-        low_pos, high_pos = math.floor(rank - spread), math.ceil(rank + spread)
-        low = 0.0 if low_pos < 0 else float(torch.kthvalue(sample, low_pos + 1).values)  # (zeros: see finish)
-        high = math.inf if high_pos >= size else float(torch.kthvalue(sample, high_pos + 1).values)
-        return low, high
+        # around the ascending position of the wanted value in the sorted sample (zeros below it: see finish)
+        return sample_bracket(sample, (n - ks[i]) / n * size, 0.0)
 
     brackets = dict(zip(todo, run_tasks([lambda i=i: bracket(i) for i in todo], b)))
 
@@ -188,27 +222,24 @@ def kth_largest_abs(base: Tensor, models: list[Tensor], ks: list[int]) -> list[K
     held = {i: 0 for i in todo}
     failed: set[int] = set()
 
-    def scan(s: int, e: int) -> dict[int, tuple[int, Tensor]]:
+    def scan(s: int, e: int) -> dict[int, tuple[int, Tensor, bool]]:
         found = {}
         for i in todo:
             if i in failed:
                 continue
-            low, high = brackets[i]
-            magnitude = torch.sub(ms[i][s:e], b[s:e]).abs_()
-            over = magnitude > high
-            band = magnitude[(magnitude > low) ^ over]  # low < |τ| <= high (low >= 0)
-            count = int(torch.count_nonzero(over))
+            count, band, finite = band_scan(ms[i][s:e], b[s:e], *brackets[i])
             with lock:
                 held[i] += band.numel()
                 if held[i] > cap:
                     failed.add(i)
                     continue
-            found[i] = (count, band)
+            found[i] = (count, band, finite)
         return found
 
     parts = map_chunks(scan, n, b)
     above = {i: sum(p[i][0] for p in parts if i in p) for i in todo}
     inside = {i: [p[i][1] for p in parts if i in p] for i in todo}
+    finite = {i: all(i in p and p[i][2] for p in parts) for i in todo}
 
     def finish(i: int) -> Kth:
         need = ks[i] - above[i]
@@ -218,12 +249,12 @@ def kth_largest_abs(base: Tensor, models: list[Tensor], ks: list[int]) -> list[K
         if need <= values.numel():
             found = _direct(values, need)
             per_chunk = tuple(int(torch.count_nonzero(part == found.value)) for part in inside[i])
-            return Kth(found.value, above[i] + found.greater, found.equal, per_chunk, chunk)
+            return Kth(found.value, above[i] + found.greater, found.equal, per_chunk, chunk, finite[i])
         # at or below the bracket's low end: usually a mass of equal magnitudes there (zeros)
         low = brackets[i][0]
         at_low = _count_equal(b, ms[i], low)
         if need - values.numel() <= at_low:
-            return Kth(low, above[i] + values.numel(), at_low)
+            return Kth(low, above[i] + values.numel(), at_low, finite=finite[i])
         return _exact(b, ms[i], ks[i])
 
     ready = [i for i in todo if i not in failed and 1 <= ks[i] - above[i] <= sum(v.numel() for v in inside[i])]
@@ -233,6 +264,16 @@ def kth_largest_abs(base: Tensor, models: list[Tensor], ks: list[int]) -> list[K
         if i not in ready:
             out[i] = finish(i)  # (these start their own passes over the chunks)
     return out
+
+
+def band_scan(m: Tensor, b: Tensor, low: float, high: float) -> tuple[int, Tensor, bool]:
+    """(#{|m − b| > high}, the |m − b| with low < |m − b| ≤ high in position order, whether every |m − b| is
+    known finite: the native scan checks it as it goes, the torch one does not) over one chunk."""
+    if native.usable(m, b):
+        return native.band_scan(m, b, low, high)
+    magnitude = torch.sub(m, b).abs_()
+    over = magnitude > high
+    return int(torch.count_nonzero(over)), magnitude[(magnitude > low) ^ over], False
 
 
 def _count_equal(b: Tensor, m: Tensor, value: float) -> int:

@@ -87,7 +87,11 @@ class TensorTask:
     ``stats`` maps a statistic kind to tensors aligned with ``models`` (``fisher``) or to one tensor for the base
     (``base_fisher``). Methods write per-tensor diagnostics (e.g. the guard's clamped count) into ``record``.
     ``context`` holds the result of the method's whole-model pre-pass (e.g. a global top-k threshold), if any.
-    ``prepared`` holds what the method's ``prepare`` step computed for this tensor (None until it ran).
+    ``prepared`` holds what the method's ``prepare`` step computed for this tensor (None until it ran); a prepare
+    step that read every input value and found them all finite sets ``inputs_finite``, and the engine then skips
+    its own NaN/Inf check of the inputs. ``out``, when set (by the engine, on the CPU), is a flat float32 buffer of
+    the tensor's size that the method may write its result into and return (viewed to the shape): the engine
+    recycles it once written, which saves the page faults of fresh memory.
     """
 
     name: str
@@ -98,6 +102,8 @@ class TensorTask:
     record: dict[str, Any] = field(default_factory=dict)
     context: dict[str, Any] = field(default_factory=dict)
     prepared: Any = None
+    inputs_finite: bool = False
+    out: torch.Tensor | None = None
 
 
 Prepass = Callable[[Callable[[], Iterator[TensorTask]]], dict[str, Any]]

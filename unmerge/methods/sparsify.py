@@ -63,9 +63,10 @@ from typing import Any, Callable, Iterator
 import torch
 
 from unmerge.errors import MethodError
+from unmerge.methods import native
 from unmerge.methods.arithmetic import WEIGHT
-from unmerge.methods.kernels import (Kth, below, chunk_size, flat, kth_largest_abs, map_chunks, radix_histograms,
-                                     run_tasks, spans)
+from unmerge.methods.kernels import (Kth, band_scan, below, chunk_size, flat, kth_largest_abs, kth_smallest,
+                                     map_chunks, output_buffer, radix_histograms, run_tasks, sample_bracket, spans)
 from unmerge.methods.registry import Method, Param, TensorTask, register
 
 Tensor = torch.Tensor
@@ -163,13 +164,18 @@ def _combine_chunk(base: Tensor, ys: list[Tensor], weights: list[float], how: st
 
 def stream_combine(base: Tensor, taus: Callable[[int, int, int], Tensor], sparsifiers: list[Sparsifier],
                    weights: list[float], how: str, lam: float, compat: str, normalize: bool,
-                   chunk: int | None = None) -> Tensor:
-    """θ₀ + λ·combine(sparsified τ_t), chunk by chunk (``taus(t, start, end)`` gives a fresh chunk of τ_t)."""
+                   chunk: int | None = None, models: list[Tensor] | None = None, out: Tensor | None = None
+                   ) -> Tensor:
+    """θ₀ + λ·combine(sparsified τ_t), chunk by chunk (``taus(t, start, end)`` gives a fresh chunk of τ_t), into
+    ``out`` (a flat buffer of θ₀'s size and dtype) if given.
+
+    ``models``: the θ_t with τ_t = θ_t − θ₀; given, and with :class:`Shrink` sparsifiers, float32 CPU chunks run in
+    the fused native loops (:mod:`unmerge.methods.native`, bitwise the same result)."""
     conv = CONVENTIONS[compat]
     b = flat(base)
     n = b.numel()
     chunk = chunk or chunk_size(b)
-    out = torch.empty_like(b)
+    out = output_buffer(b, out)
     total = sum(weights)
     divisor = total if abs(total) >= 1e-8 else 1.0
     if how == "ties" and len(set(weights)) == 1 and weights[0] > 0:
@@ -178,9 +184,21 @@ def stream_combine(base: Tensor, taus: Callable[[int, int, int], Tensor], sparsi
         lam *= 1.0 if normalize and conv.weighted_divisor else weights[0]
         weights = [1.0] * len(weights)
 
-    def run(s: int, e: int, zero_sign: float = 1.0) -> tuple[float, float]:
-        ys = [sparsify(taus(i, s, e), s, e) for i, sparsify in enumerate(sparsifiers)]
-        return _combine_chunk(b[s:e], ys, weights, how, lam, conv, normalize, divisor, out[s:e], zero_sign)
+    ms = [flat(m) for m in models] if models else []
+    if ms and all(isinstance(r, Shrink) for r in sparsifiers) and native.usable(b, out, *ms):
+        one_if_zero = conv.weighted_divisor and not min(weights) > 1e-30
+
+        def run(s: int, e: int, zero_sign: float = 1.0) -> tuple[float, float]:
+            chunks, trim = [m[s:e] for m in ms], _native_trim(sparsifiers, s)
+            if how != "ties":
+                native.sum_combine(b[s:e], chunks, trim, weights, normalize, divisor, lam, out[s:e])
+                return 0.0, 0.0
+            return native.ties_combine(b[s:e], chunks, trim, weights, conv.weighted_sign, conv.weighted_divisor,
+                                       normalize, one_if_zero, lam, zero_sign, out[s:e])
+    else:
+        def run(s: int, e: int, zero_sign: float = 1.0) -> tuple[float, float]:
+            ys = [sparsify(taus(i, s, e), s, e) for i, sparsify in enumerate(sparsifiers)]
+            return _combine_chunk(b[s:e], ys, weights, how, lam, conv, normalize, divisor, out[s:e], zero_sign)
 
     results = map_chunks(run, n, b, chunk)
     if how == "ties" and conv.zero_to_majority and sum(r[0] for r in results) < 0:
@@ -217,22 +235,46 @@ def _identity(tau: Tensor, s: int, e: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- trimming
-def _shrinker(threshold: float | None, tie: float = 0.0, allowed: dict[int, int] | None = None) -> Sparsifier:
-    """Keep |τ| > ``threshold`` (None: all; inf: none); of the entries with |τ| = ``tie``, only the first
-    ``allowed[chunk start]`` of each chunk (None: all)."""
-    def apply(tau: Tensor, s: int, e: int) -> Tensor:
-        if threshold is None:
+@dataclass(frozen=True)
+class Shrink:
+    """A chunk sparsifier: keep |τ| > ``threshold`` (None: all; inf: none), times ``factor``; of the entries with
+    |τ| = ``tie``, only the first ``allowed[chunk start]`` of each chunk (None: all). ``finite``: the scan that
+    found the threshold saw every |τ| of the tensor finite (so θ₀ and θ_t are)."""
+
+    threshold: float | None
+    tie: float = 0.0
+    allowed: dict[int, int] | None = None
+    factor: float = 1.0
+    finite: bool = False
+
+    def __call__(self, tau: Tensor, s: int, e: int) -> Tensor:
+        kept = self._trim(tau, s)
+        return kept.mul_(self.factor) if self.factor != 1.0 else kept
+
+    def _trim(self, tau: Tensor, s: int) -> Tensor:
+        if self.threshold is None:
             return tau
-        if threshold == math.inf:
+        if self.threshold == math.inf:
             return tau.zero_()
-        kept = torch.nn.functional.hardshrink(tau, threshold)
-        if allowed is not None:
-            quota = allowed[s]
-            ties = (tau.abs() == tie).nonzero().flatten()
+        kept = torch.nn.functional.hardshrink(tau, self.threshold)
+        if self.allowed is not None:
+            quota = self.allowed[s]
+            ties = (tau.abs() == self.tie).nonzero().flatten()
             if quota < ties.numel():
                 kept[ties[quota:]] = 0
         return kept
-    return apply
+
+    @property
+    def hardshrink(self) -> float:
+        """The t of hardshrink(τ, t) (zero where −t ≤ τ ≤ t) that this trim is: −inf keeps all, inf nothing."""
+        return -math.inf if self.threshold is None else self.threshold
+
+
+def _native_trim(sparsifiers: list[Sparsifier], start: int) -> native.Trim:
+    """The kernels' form of the chunk at ``start`` of :class:`Shrink` sparsifiers."""
+    quotas = [-1 if r.allowed is None else r.allowed[start] for r in sparsifiers]
+    return native.Trim([r.hardshrink for r in sparsifiers], [r.factor for r in sparsifiers],
+                       [r.tie for r in sparsifiers], quotas)
 
 
 def _count_per_chunk(b: Tensor, m: Tensor, value: float, chunk: int) -> list[int]:
@@ -274,16 +316,16 @@ def trim_rules(base: Tensor, models: list[Tensor], density: list[float], conv: C
     b, ms = flat(base), [flat(m) for m in models]
     chunk = chunk or chunk_size(b)
     if thresholds is not None:
-        return [_shrinker(math.inf if t == math.inf else below(t, b.dtype)) for t in thresholds]
+        return [Shrink(math.inf if t == math.inf else below(t, b.dtype)) for t in thresholds]
     n = b.numel()
     counts = [_trim_count(conv, d, n) for d in density]
     rules: list[Sparsifier | None] = [None] * len(ms)
     wanted = []
     for i, k in enumerate(counts):
         if k is None:
-            rules[i] = _shrinker(None)
+            rules[i] = Shrink(None)
         elif k == 0:
-            rules[i] = _shrinker(math.inf)
+            rules[i] = Shrink(math.inf)
         else:
             wanted.append(i)
     found = kth_largest_abs(b, [ms[i] for i in wanted], [counts[i] for i in wanted])
@@ -294,12 +336,13 @@ def trim_rules(base: Tensor, models: list[Tensor], density: list[float], conv: C
 
 def _exact_rule(b: Tensor, m: Tensor, kth: Kth, k: int, exact: bool, chunk: int) -> Sparsifier:
     if not exact or kth.greater + kth.equal == k:
-        return _shrinker(below(kth.value, b.dtype))
+        return Shrink(below(kth.value, b.dtype), finite=kth.finite)
     if kth.value == 0:  # the kept zeros change nothing
-        return _shrinker(0.0)
+        return Shrink(0.0, finite=kth.finite)
     counts = list(kth.per_chunk) if kth.per_chunk is not None and kth.chunk == chunk else \
         _count_per_chunk(b, m, kth.value, chunk)
-    return _shrinker(below(kth.value, b.dtype), kth.value, _quotas(counts, k - kth.greater, False, chunk))
+    return Shrink(below(kth.value, b.dtype), kth.value, _quotas(counts, k - kth.greater, False, chunk),
+                  finite=kth.finite)
 
 
 def _l1_scaled(taus: Callable[[int, int, int], Tensor], sparsifiers: list[Sparsifier], like: Tensor,
@@ -327,6 +370,8 @@ def _l1_scaled(taus: Callable[[int, int, int], Tensor], sparsifiers: list[Sparsi
 def _times(sparsify: Sparsifier, factor: float) -> Sparsifier:
     if factor == 1.0:
         return sparsify
+    if isinstance(sparsify, Shrink):
+        return dataclasses.replace(sparsify, factor=sparsify.factor * factor)
     return lambda tau, s, e: sparsify(tau, s, e).mul_(factor)
 
 
@@ -341,12 +386,12 @@ def ties_rules(base: Tensor, models: list[Tensor], density: list[float], compat:
 
 def ties(base: Tensor, models: list[Tensor], weights: list[float], density: list[float], lam: float = 1.0,
          compat: str = "paper", normalize: bool | None = None, thresholds: list[float] | None = None,
-         rescale: bool = False, rules: list[Sparsifier] | None = None) -> Tensor:
+         rescale: bool = False, rules: list[Sparsifier] | None = None, out: Tensor | None = None) -> Tensor:
     """TIES: trim each τ_t (``rules``, else :func:`ties_rules`), elect signs, disjoint mean; θ = θ₀ + λ τ_m."""
     if rules is None:
         rules = ties_rules(base, models, density, compat, thresholds, rescale)
     return stream_combine(base, _model_taus(base, models), rules, weights, "ties", lam, compat,
-                          _family_normalize(CONVENTIONS[compat], normalize, True), chunk_size(base))
+                          _family_normalize(CONVENTIONS[compat], normalize, True), chunk_size(base), models, out)
 
 
 # ---------------------------------------------------------------------------------------------------- random masks
@@ -553,12 +598,7 @@ def global_thresholds(stream: Callable[[], Iterator[TensorTask]]) -> list[float]
         if k <= 0 or not size:
             brackets.append(None)
             continue
-        rank = (totals[i] - k) / totals[i] * size
-        p = min(max(rank / size, 1e-9), 1 - 1e-9)
-        spread = 6.0 * math.sqrt(size * p * (1 - p)) + 8
-        low_pos, high_pos = math.floor(rank - spread), math.ceil(rank + spread)
-        brackets.append((-1.0 if low_pos < 0 else float(torch.kthvalue(sample, low_pos + 1).values),
-                         math.inf if high_pos >= size else float(torch.kthvalue(sample, high_pos + 1).values)))
+        brackets.append(sample_bracket(sample, (totals[i] - k) / totals[i] * size, -1.0))
     above = [0] * len(ks)
     inside: list[list[Tensor]] = [[] for _ in ks]
     held = [0] * len(ks)
@@ -574,12 +614,10 @@ def global_thresholds(stream: Callable[[], Iterator[TensorTask]]) -> list[float]
             m = flat(model)
 
             def scan(s: int, e: int, m: Tensor = m, low: float = low, high: float = high, i: int = i):
-                a = (m[s:e] - b[s:e]).abs_().float()
-                over = a > high
-                band = a[(a > low) ^ over]
+                count, band, _ = band_scan(m[s:e].float(), b[s:e].float(), low, high)
                 with lock:
                     held[i] += band.numel()
-                return int(torch.count_nonzero(over)), band.cpu()
+                return count, band.cpu()
 
             for count, band in map_chunks(scan, b.numel(), b):
                 above[i] += count
@@ -599,7 +637,7 @@ def global_thresholds(stream: Callable[[], Iterator[TensorTask]]) -> list[float]
             out.append(math.nan)
             retry.append(i)
             continue
-        out.append(float(torch.kthvalue(values, values.numel() - need + 1).values))
+        out.append(kth_smallest(values, [values.numel() - need + 1])[0])
     if retry:
         exact = _radix_global(stream, [ks[i] if i in retry else 0 for i in range(len(ks))])
         for i in retry:
@@ -651,14 +689,16 @@ def _ties_prepare(task: TensorTask) -> list[Sparsifier]:
         if thresholds is None:
             raise MethodError(f"ties scope 'global' on '{task.name}' needs the whole-model pre-pass",
                               "merge through unmerge.engine.merge_checkpoints, or use scope: per_tensor")
-    return ties_rules(task.base, task.models, p["density"], p["compat"], thresholds, p["rescale"])
+    rules = ties_rules(task.base, task.models, p["density"], p["compat"], thresholds, p["rescale"])
+    task.inputs_finite = all(isinstance(r, Shrink) and r.finite for r in rules)
+    return rules
 
 
 def _ties_fn(task: TensorTask) -> Tensor:
     p = task.params
     rules = task.prepared if task.prepared is not None else _ties_prepare(task)
     return ties(task.base, task.models, p["weight"], p["density"], p["lambda"], p["compat"], p["normalize"],
-                rules=rules)
+                rules=rules, out=task.out)
 
 
 register(Method(
@@ -700,7 +740,7 @@ def _sparsified(make: MakeSparsifier, family_normalize: bool, row_chunks: bool
         normalize = p["normalize"] if p["combine"] != "ties" else _family_normalize(conv, p["normalize"],
                                                                                       family_normalize)
         return stream_combine(task.base, _model_taus(task.base, task.models), rules, p["weight"], p["combine"],
-                              p["lambda"], p["compat"], bool(normalize), chunk_of(task))
+                              p["lambda"], p["compat"], bool(normalize), chunk_of(task), task.models, task.out)
     return fn, prepare
 
 
