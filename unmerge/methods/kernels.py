@@ -9,8 +9,10 @@ The chunks run on a small pool of threads that each run torch single-threaded (:
 the parallelism, and no op pays OpenMP's fork/join, which on a small or busy machine costs more than the arithmetic
 (measured on 2 shared cores: a chunked TIES with 2 OpenMP threads per op ran 4-25x slower than single-threaded
 ops). Inside those threads the kernels use float ops (``hardshrink``, ``sign``, ``relu``, ``mul``) rather than
-comparisons to bool and ``where``, which are several times slower per element on the CPU. On CUDA, chunks are large
-(launch overhead dominates there, and device memory holds the whole tensor anyway) and run in order.
+comparisons to bool and ``where``, which are several times slower per element on the CPU. Where a C compiler is
+available the float32 loops run fused instead (:mod:`unmerge.methods.native`, bitwise the same results). On CUDA,
+chunks are large (launch overhead dominates there, and device memory holds the whole tensor anyway) and run in
+order.
 
 Why not ``torch.topk``/``sort``/``kthvalue`` on the whole tensor: each copies it (and ``topk`` with k ≈ n/2 is
 slower than a full sort). :func:`kth_largest_abs` draws a fixed-seed sample of |τ| to bracket the wanted rank,
