@@ -1,13 +1,11 @@
 """Linear combinations: weighted averaging, task arithmetic and its negation baseline."""
 from __future__ import annotations
 
-import math
-
 import torch
 
-from unmerge.methods import native
-from unmerge.methods.kernels import flat, map_chunks, output_buffer
-from unmerge.methods.registry import Method, Param, TensorTask, register
+from unmerge.methods.kernels import flat, map_chunks
+from unmerge.methods.registry import WEIGHT, Method, Param, TensorTask, register
+from unmerge.methods.sparsify import Shrink, model_taus, stream_combine
 
 
 def linear(models: list[torch.Tensor], weights: list[float], normalize: bool = True) -> torch.Tensor:
@@ -35,45 +33,19 @@ def task_arithmetic(base: torch.Tensor, models: list[torch.Tensor], weights: lis
                     normalize: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """θ = θ₀ + λ Σ_t w_t (θ_t − θ₀)  (÷ Σ_t w_t with ``normalize``, as mergekit: a |Σ w| below 1e-8 divides by 1).
 
-    Streamed in chunks (the same arithmetic, element by element, as the whole-tensor expression), so memory-mapped
-    inputs cost no copies: the peak is the output plus a few chunks."""
-    b, ms = flat(base), [flat(m) for m in models]
-    out = output_buffer(b, out)
-    total = sum(weights)
-    divisor = total if abs(total) >= 1e-8 else 1.0
-
-    if ms and native.usable(b, out, *ms):  # the same arithmetic in one fused pass
-        keep_all = native.Trim([-math.inf] * len(ms), [1.0] * len(ms), [0.0] * len(ms), [-1] * len(ms))
-        map_chunks(lambda s, e: native.sum_combine(b[s:e], [m[s:e] for m in ms], keep_all, weights, normalize,
-                                                   divisor, lam, out[s:e]), b.numel(), b)
-        return out.view_as(base)
-
-    def run(s: int, e: int) -> None:
-        acc = None
-        for w, m in zip(weights, ms):
-            delta = torch.sub(m[s:e], b[s:e])
-            if w != 1:
-                delta.mul_(w)
-            acc = delta if acc is None else acc.add_(delta)
-        if acc is None:
-            acc = torch.zeros_like(b[s:e])
-        if normalize:
-            acc.div_(divisor)
-        if lam != 1:
-            acc.mul_(lam)
-        torch.add(b[s:e], acc, out=out[s:e])
-
-    map_chunks(run, b.numel(), b)
-    return out.view_as(base)
+    The sparsified sum of :func:`~unmerge.methods.sparsify.stream_combine` with nothing trimmed: streamed in chunks
+    (the same arithmetic, element by element, as the whole-tensor expression, fused natively where it can be), so
+    memory-mapped inputs cost no copies: the peak is the output plus a few chunks."""
+    if not models:
+        return base + 0.0  # θ₀ + λ · (an empty sum)
+    return stream_combine(base, model_taus(base, models), [Shrink(None)] * len(models), weights, "task_arithmetic",
+                          lam, "paper", normalize, models=models, out=out)
 
 
 def negation(base: torch.Tensor, forget: torch.Tensor, alpha: float, out: torch.Tensor | None = None
              ) -> torch.Tensor:
     """θ = θ₀ − α (θ_f − θ₀): task arithmetic with weight −α."""
     return task_arithmetic(base, [forget], [-alpha], out=out)
-
-
-WEIGHT = Param("weight", 1.0, float, "per-model weight w_i (negative to subtract)", per_model=True)
 
 
 def _linear(task: TensorTask) -> torch.Tensor:

@@ -80,6 +80,9 @@ class Param:
         return f"{self.name} = {self.default!r} [{scope}{rng}]{alias}: {self.doc}"
 
 
+WEIGHT = Param("weight", 1.0, float, "per-model weight w_i (negative to subtract)", per_model=True)
+
+
 @dataclass
 class TensorTask:
     """Everything a method sees for one tensor. ``params`` are already resolved for this tensor.

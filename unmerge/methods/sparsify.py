@@ -64,10 +64,9 @@ import torch
 
 from unmerge.errors import MethodError
 from unmerge.methods import native
-from unmerge.methods.arithmetic import WEIGHT
 from unmerge.methods.kernels import (Kth, band_scan, below, chunk_size, flat, kth_largest_abs, kth_smallest,
                                      map_chunks, output_buffer, radix_histograms, run_tasks, sample_bracket, spans)
-from unmerge.methods.registry import Method, Param, TensorTask, register
+from unmerge.methods.registry import WEIGHT, Method, Param, TensorTask, register
 
 Tensor = torch.Tensor
 # τ chunk (a fresh tensor the sparsifier may modify in place), start, end -> sparsified chunk
@@ -208,7 +207,7 @@ def stream_combine(base: Tensor, taus: Callable[[int, int, int], Tensor], sparsi
     return out.view_as(base)
 
 
-def _model_taus(base: Tensor, models: list[Tensor]) -> Callable[[int, int, int], Tensor]:
+def model_taus(base: Tensor, models: list[Tensor]) -> Callable[[int, int, int], Tensor]:
     b, ms = flat(base), [flat(m) for m in models]
     return lambda i, s, e: torch.sub(ms[i][s:e], b[s:e])
 
@@ -381,7 +380,7 @@ def ties_rules(base: Tensor, models: list[Tensor], density: list[float], compat:
     sparsifier; ``rescale``: scaled back to ‖τ_t‖₁ (mergekit). The whole-tensor passes of TIES happen here."""
     chunk = chunk_size(base)
     rules = trim_rules(base, models, density, CONVENTIONS[compat], thresholds, chunk)
-    return _l1_scaled(_model_taus(base, models), rules, base, chunk) if rescale else rules
+    return _l1_scaled(model_taus(base, models), rules, base, chunk) if rescale else rules
 
 
 def ties(base: Tensor, models: list[Tensor], weights: list[float], density: list[float], lam: float = 1.0,
@@ -390,7 +389,7 @@ def ties(base: Tensor, models: list[Tensor], weights: list[float], density: list
     """TIES: trim each τ_t (``rules``, else :func:`ties_rules`), elect signs, disjoint mean; θ = θ₀ + λ τ_m."""
     if rules is None:
         rules = ties_rules(base, models, density, compat, thresholds, rescale)
-    return stream_combine(base, _model_taus(base, models), rules, weights, "ties", lam, compat,
+    return stream_combine(base, model_taus(base, models), rules, weights, "ties", lam, compat,
                           _family_normalize(CONVENTIONS[compat], normalize, True), chunk_size(base), models, out)
 
 
@@ -730,7 +729,7 @@ def _sparsified(make: MakeSparsifier, family_normalize: bool, row_chunks: bool
         made = [make(task, i, chunk) for i in range(len(task.models))]
         rules = [rule for rule, _ in made]
         if any(l1 for _, l1 in made):
-            rules = _l1_scaled(_model_taus(task.base, task.models), rules, task.base, chunk)
+            rules = _l1_scaled(model_taus(task.base, task.models), rules, task.base, chunk)
         return rules
 
     def fn(task: TensorTask) -> Tensor:
@@ -739,7 +738,7 @@ def _sparsified(make: MakeSparsifier, family_normalize: bool, row_chunks: bool
         rules = task.prepared if task.prepared is not None else prepare(task)
         normalize = p["normalize"] if p["combine"] != "ties" else _family_normalize(conv, p["normalize"],
                                                                                       family_normalize)
-        return stream_combine(task.base, _model_taus(task.base, task.models), rules, p["weight"], p["combine"],
+        return stream_combine(task.base, model_taus(task.base, task.models), rules, p["weight"], p["combine"],
                               p["lambda"], p["compat"], bool(normalize), chunk_of(task), task.models, task.out)
     return fn, prepare
 
