@@ -11,12 +11,28 @@ def test_bench_merge_runs_rounds_and_reports_medians(tmp_path, monkeypatch):
     rows = bench.bench_merge(tmp_path, 1, methods=("task_arithmetic", "ties"), with_mergekit=False, threads=1,
                              repeat=2)
     by_job = {row["job"]: row for row in rows}
-    assert list(by_job) == ["io-floor", "unmerge:task_arithmetic (cold hashes)", "unmerge:task_arithmetic",
-                            "unmerge:ties", "model"]
+    assert list(by_job) == ["io-floor", bench.MAPPED_FLOOR, "unmerge:task_arithmetic (cold hashes)",
+                            "unmerge:task_arithmetic", "unmerge:ties", "model"]
     assert by_job["io-floor"]["runs"] == 2 and by_job["unmerge:ties"]["runs"] == 2
+    assert by_job[bench.MAPPED_FLOOR]["runs"] == 2
     assert by_job["unmerge:task_arithmetic (cold hashes)"]["runs"] == 1
-    for job in ("io-floor", "unmerge:task_arithmetic", "unmerge:ties"):
+    for job in ("io-floor", bench.MAPPED_FLOOR, "unmerge:task_arithmetic", "unmerge:ties"):
         row = by_job[job]
         assert row["ok"] and row["error"] == "" and row["seconds"] > 0
         assert abs(row["x_floor"] - row["seconds"] / by_job["io-floor"]["seconds"]) < 0.02
     assert "2 layers" in by_job["model"]["error"]
+
+
+def test_io_floor_writes_a_copy_of_the_first_input(tmp_path):
+    import subprocess
+
+    tiny = {**bench.llama_shape(0), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+            "num_attention_heads": 1, "num_key_value_heads": 1, "vocab_size": 128}
+    base, other = tmp_path / "base", tmp_path / "other"
+    bench.write_synthetic(base, tiny, seed=0)
+    bench.write_synthetic(other, tiny, seed=1, base=base)
+    for variant in ("copy", "mapped"):
+        out = tmp_path / f"out-{variant}"
+        subprocess.run(bench.python_job(bench.FLOOR_CODE) + [f"{base},{other}", str(out), variant], check=True)
+        assert bench.max_abs_difference(out, base) == 0.0
+        assert bench.max_abs_difference(out, other) > 0.0

@@ -107,21 +107,41 @@ def test_task_arithmetic_native_is_bitwise_the_torch_result(weights, normalize, 
 
 
 def test_band_scan_and_finite_proof(lib, monkeypatch):
-    base, ms = _inputs(n=70_000, models=1)
-    low, high = 0.004, 0.009
-    count, band, finite = band_scan(ms[0], base, low, high)
-    want_count, want_band, want_finite = _torch_only(lambda: band_scan(ms[0], base, low, high), monkeypatch)
-    assert count == want_count and torch.equal(band, want_band) and finite and not want_finite
-    magnitude = (ms[0] - base).abs()
-    assert count == int((magnitude > high).sum())
-    assert band.numel() == int(((magnitude > low) & (magnitude <= high)).sum())
+    base, ms = _inputs(n=70_001, models=3)
+    brackets = [(0.004, 0.009), (0.0, 0.001), (0.012, math.inf)]
+    got = band_scan(base, ms, brackets)
+    want = _torch_only(lambda: band_scan(base, ms, brackets), monkeypatch)
+    for m, (low, high), (count, band, finite), (want_count, want_band, want_finite) in zip(ms, brackets, got, want):
+        assert count == want_count and torch.equal(band, want_band) and finite and not want_finite
+        magnitude = (m - base).abs()
+        assert count == int((magnitude > high).sum())
+        assert band.numel() == int(((magnitude > low) & (magnitude <= high)).sum()) > 0
     for bad in (float("nan"), float("inf"), -float("inf")):
-        poisoned = ms[0].clone()
-        poisoned[69_999] = bad  # (in the tail after the last full block)
-        assert not band_scan(poisoned, base, low, high)[2]
-        poisoned = ms[0].clone()
-        poisoned[300] = bad
-        assert not band_scan(poisoned, base, low, high)[2]
+        for where in (70_000, 300):  # in the tail after the last full block, and inside a block
+            poisoned = ms[1].clone()
+            poisoned[where] = bad
+            proofs = [finite for _, _, finite in band_scan(base, [ms[0], poisoned, ms[2]], brackets)]
+            assert proofs == [True, False, True]
+
+
+def test_the_portable_build_gives_the_same_results(tmp_path, monkeypatch):
+    """Built without -march=native (so without the AVX-512 band scan: the scalar blocks), the kernels give the
+    same results as torch too."""
+    monkeypatch.setattr(native, "ARCH_FLAGS", ())
+    monkeypatch.setenv("UNMERGE_NATIVE_CACHE", str(tmp_path / "portable"))
+    native.reset()
+    if native.library() is None:
+        pytest.skip("no working C compiler here")
+    assert native.library().um_band_slack() == 0  # the scalar scan
+    base, ms = _inputs(n=70_001, models=2)
+    brackets = [(0.004, 0.009), (0.0, 0.001)]
+    got = band_scan(base, ms, brackets)
+    want = _torch_only(lambda: band_scan(base, ms, brackets), monkeypatch)
+    for (count, band, finite), (want_count, want_band, _) in zip(got, want):
+        assert count == want_count and torch.equal(band, want_band) and finite
+    run = lambda: ties(base, ms, [0.5, 0.3], [0.3, 0.6], compat="mergekit")  # noqa: E731
+    assert torch.equal(run(), _torch_only(run, monkeypatch))
+    native.reset()
 
 
 def test_order_statistic_is_the_same_and_proves_finite(lib, monkeypatch):
@@ -234,9 +254,9 @@ def test_engine_recycles_outputs_and_skips_proven_input_checks(tmp_path, lib, mo
     merge_checkpoints(get_method("ties"), ckpts[0], ckpts[1:], tmp_path / "out", params=params, device="cpu",
                       progress=False)
     assert sorted(set(given)) == [100, 300_000]  # every output came back to the pool once written
-    # the large tensors' scans proved their inputs finite (the first tensor is also checked when TIES's pre-pass
-    # loads it to read the scope), the small ones, selected directly, are checked by the engine
-    assert "b.weight" not in checked and {"c.bias", "d.bias"} <= set(checked)
+    # the large tensors' scans proved their inputs finite (and TIES's pre-pass reads no tensor to learn the scope),
+    # the small ones, selected directly, are checked by the engine
+    assert not {"a.weight", "b.weight"} & set(checked) and {"c.bias", "d.bias"} <= set(checked)
     out = Checkpoint(tmp_path / "out")
     for name in ("a.weight", "b.weight", "c.bias", "d.bias"):
         want = ties(ckpts[0].get(name), [c.get(name) for c in ckpts[1:]], [1.0, 1.0], [0.4, 0.4], 1.0, "mergekit")
@@ -250,3 +270,45 @@ def test_a_nan_in_a_scanned_input_is_still_named(tmp_path, lib):
         merge_checkpoints(get_method("ties"), ckpts[0], ckpts[1:], tmp_path / "out", params={"density": 0.4},
                           device="cpu", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.4}), ("task_arithmetic", {}),
+                                           ("dare_ties", {"density": 0.5})])
+def test_outputs_the_kernels_saw_finite_are_not_read_again(method, params, tmp_path, lib, monkeypatch):
+    """The fused kernels check each output value as they write it: the engine's output check then reads nothing
+    (with the torch path, or a random-mask sparsifier, it reads every output). Counted: the finite checks of the
+    large tensors (three inputs and the output each, two tensors), inputs included where not proven finite."""
+    ckpts = _two_tensor_checkpoints(tmp_path)
+    read = []
+    real = engine._all_finite
+    monkeypatch.setattr(engine, "_all_finite", lambda t: read.append(t.numel()) or real(t))
+    merge = lambda out: merge_checkpoints(get_method(method), ckpts[0], ckpts[1:], tmp_path / out,  # noqa: E731
+                                          params=params, device="cpu", progress=False)
+    merge("native")
+    native_reads = read.count(300_000)
+    read.clear()
+    _torch_only(lambda: merge("torch"), monkeypatch)
+    # task arithmetic never checks its inputs (a NaN would reach its output); the others check all three in torch
+    assert read.count(300_000) == (2 if method == "task_arithmetic" else 8)
+    assert native_reads == {"ties": 0, "task_arithmetic": 0, "dare_ties": 8}[method]
+    for name in ("a.weight", "c.bias"):
+        assert torch.equal(Checkpoint(tmp_path / "native").get(name), Checkpoint(tmp_path / "torch").get(name))
+
+
+@pytest.mark.parametrize("how", ["task_arithmetic", "ties"])
+def test_an_overflowing_output_is_not_proven_finite(how, lib):
+    """Finite inputs whose merge overflows float32: the kernels report it, and the engine refuses the output."""
+    from unmerge.methods.registry import Proof
+
+    base = torch.full((70_000,), 3e38)
+    ms = [base.clone(), base.clone()]
+    ms[0][5] = -3e38  # τ = −6e38 overflows to −inf
+    proof = Proof(finite=True)
+    if how == "ties":
+        got = ties(base, ms, [1.0, 1.0], [1.0, 1.0], compat="mergekit", proof=proof)
+    else:
+        got = task_arithmetic(base, ms, [1.0, 1.0], 1.0, proof=proof)
+    assert not torch.isfinite(got[5]) and not proof.finite
+    ms[0][5] = 2e38  # τ = −1e38, finite, and so is θ₀ + τ
+    got = task_arithmetic(base, ms, [1.0, 1.0], 1.0, proof=proof)
+    assert bool(torch.isfinite(got).all()) and proof.finite

@@ -282,8 +282,9 @@ def merge_checkpoints(
         )
 
     context: dict[str, Any] = {}
-    if method.prepass is not None:
-        context = method.prepass(lambda: (make_task(n, *load(n), {}) for n in float_names))
+    if method.prepass is not None and float_names:
+        context = method.prepass(plan.for_tensor(float_names[0]),
+                                 lambda: (make_task(n, *load(n), {}) for n in float_names))
 
     def prepared(task: TensorTask) -> TensorTask:
         if method.prepare is not None:
@@ -333,12 +334,14 @@ def merge_checkpoints(
                 if uploader is None:
                     task.out = buffers.take((base_t if base_t is not None else model_ts[0]).numel())
                 merged = method.fn(task)
-                record, buffer, task = task.record, task.out, None  # the inputs (device copies) go now
+                record, buffer, proof, task = task.record, task.out, task.proof, None  # the inputs go now
                 stored = merged.to(out_dtype)
+                # finite as the kernels wrote it, and stored as written (a cast could overflow)
+                proven = proof.finite and stored is merged
                 recycle = buffers.give if buffer is not None and _same_memory(stored, buffer) else None
                 buffer = None
                 merged = None
-                if not _all_finite(stored):  # checked as stored: a float16 overflow is refused too
+                if not proven and not _all_finite(stored):  # checked as stored: a float16 overflow too
                     if method.propagates_nonfinite:  # the inputs were not checked on the way in: name the culprit
                         check_inputs(name, base_t, model_ts)
                     raise MethodError(f"method '{method.name}' produced NaN/Inf in '{name}' (stored as "

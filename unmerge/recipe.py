@@ -150,3 +150,21 @@ def fill_defaults(given: dict, schema: dict, path: tuple[str, ...]) -> dict:
 
 def dump_recipe(recipe: dict[str, Any]) -> str:
     return yaml.safe_dump(recipe, sort_keys=False)
+
+
+def selection_rule(recipe: dict[str, Any]) -> dict[str, Any] | None:
+    """The recipe's ``select`` rule, or None when it names no metric to minimise or maximise."""
+    select = recipe["select"]
+    return select if (select.get("minimize") or select.get("maximize")) else None
+
+
+def report_run(recipe: dict[str, Any], given: dict[str, Any], default_title: str, metrics: list[dict],
+               records: list[dict], timings: dict[str, float], inputs: dict[str, Any], **fields: Any
+               ) -> dict[str, Any]:
+    """The ``run`` of a recipe's report bundle (``unmerge.report.write_bundle``): the fields every recipe kind
+    reports (title, the recipe as given and resolved, metrics, records, selection rule, timings, input hashes,
+    sample compression), plus the kind's own ``fields``."""
+    return {"title": recipe["report"]["title"] or default_title, "recipe": given, "resolved": recipe,
+            "metrics": metrics, "records": records, "selection": selection_rule(recipe),
+            "timings": {k: round(v, 2) for k, v in timings.items()}, "inputs": inputs,
+            "compress_samples": recipe["report"]["compress_samples"], **fields}

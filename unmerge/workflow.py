@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +30,7 @@ from unmerge.methods.params import ParamPlan
 from unmerge.methods.removal import REMOVAL_METHODS
 from unmerge.models import load_causal_lm, resolve_model
 from unmerge.pretrain_stage import PretrainPlan, is_pretrain_ref
-from unmerge.recipe import load_recipe, load_yaml_data, resolve_recipe
+from unmerge.recipe import load_recipe, load_yaml_data, report_run, resolve_recipe, selection_rule
 from unmerge.report.selection import parse_rule
 from unmerge.sources import load_items, load_texts
 from unmerge.stats import Statistic
@@ -159,8 +159,7 @@ class UnlearningRun:
                 raise RecipeError(f"fisher.{side}.estimator is '{est}'", did_you_mean(est, ["sampled", "empirical"]))
 
     def selection_rule(self) -> dict[str, Any] | None:
-        select = self.recipe["select"]
-        return select if (select.get("minimize") or select.get("maximize")) else None
+        return selection_rule(self.recipe)
 
     def _alphas_all(self) -> list[float]:
         removal = self.recipe["removal"]
@@ -394,24 +393,16 @@ class UnlearningRun:
             if step.stage.startswith("fisher"):
                 self.inputs[f"statistic:{step.stage}"] = checkpoint_hash(Checkpoint(step.output))
         r = self.recipe
-        run = {
-            "title": r["report"]["title"] or f"Unlearning report: {r['name']}",
-            "recipe": self.given,
-            "resolved": r,
-            "metrics": rows,
-            "records": records,
-            "guard": guard,
-            "selection": self.selection_rule(),
-            "timings": {k: round(v, 2) for k, v in self.timings.items()},
-            "inputs": self.inputs,
-            "seeds": {"recipe": r["seed"], "toxicity": r["evaluate"].get("toxicity", {}).get("seed")},
-            "caveats": self.caveats(),
-            "base_candidate": base_candidate,
-            "protocol": {"evaluate": r["evaluate"], "fisher": r["fisher"], "finetune": r["finetune"],
-                         "removal": r["removal"], **({"pretrain": r["pretrain"]} if self.pretrain else {})},
-            "tradeoff": {"x": r["report"]["tradeoff_x"], "y": r["report"]["tradeoff_y"]},
-            "compress_samples": r["report"]["compress_samples"],
-        }
+        run = report_run(
+            r, self.given, f"Unlearning report: {r['name']}", rows, records, self.timings, self.inputs,
+            guard=guard,
+            seeds={"recipe": r["seed"], "toxicity": r["evaluate"].get("toxicity", {}).get("seed")},
+            caveats=self.caveats(),
+            base_candidate=base_candidate,
+            protocol={"evaluate": r["evaluate"], "fisher": r["fisher"], "finetune": r["finetune"],
+                      "removal": r["removal"], **({"pretrain": r["pretrain"]} if self.pretrain else {})},
+            tradeoff={"x": r["report"]["tradeoff_x"], "y": r["report"]["tradeoff_y"]},
+        )
         return write_bundle(self.out, run, overwrite=self.overwrite)
 
     def caveats(self) -> list[str]:

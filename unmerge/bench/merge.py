@@ -60,8 +60,11 @@ def write_synthetic(directory: Path, config: dict, seed: int, base: Path | None 
     write_json_atomic(directory / "config.json", config)
 
 
-# Read every byte of every input once (a copy into a reused buffer, as a read() would) and write the first input
-# as the output, with the same streaming writer the merge uses.
+# Read every byte of every input once, each into a reused buffer (as a read() would), and write the first input's
+# copy as the output, with the same streaming writer the merge uses: like a merge's output, the bytes written are
+# ones this process wrote. With "mapped" (a reference row, not the floor) the first input's memory-mapped pages are
+# written instead, which skips making the output; on some virtual machines the kernel copies such clean file pages
+# several times faster than freshly written memory.
 FLOOR_CODE = """
 import sys
 from pathlib import Path
@@ -69,16 +72,18 @@ import torch
 from unmerge.checkpoint import Checkpoint, ShardedWriter
 inputs = [Checkpoint(p) for p in sys.argv[1].split(",")]
 out = Path(sys.argv[2]); out.mkdir(parents=True, exist_ok=True)
+mapped = sys.argv[3] == "mapped"
 names = inputs[0].names()
 writer = ShardedWriter(out, layout=[(n, *inputs[0].meta(n)) for n in names])
-buffer = torch.empty(0)
+buffers = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]  # the output's bytes; the others'
 for name in names:
     tensors = [c.get(name) for c in inputs]
-    for t in tensors[1:]:
-        if buffer.numel() < t.numel() * t.element_size():
-            buffer = torch.empty(t.numel() * t.element_size(), dtype=torch.uint8)
-        buffer[: t.numel() * t.element_size()].copy_(t.reshape(-1).view(torch.uint8))
-    writer.add(name, tensors[0])
+    size = tensors[0].numel() * tensors[0].element_size()
+    for i, t in enumerate(tensors[1:] if mapped else tensors, start=int(mapped)):
+        if buffers[min(i, 1)].numel() < size:
+            buffers[min(i, 1)] = torch.empty(size, dtype=torch.uint8)
+        buffers[min(i, 1)][:size].copy_(t.reshape(-1).view(torch.uint8))
+    writer.add(name, tensors[0] if mapped else buffers[0][:size].view(tensors[0].dtype).view(tensors[0].shape))
 writer.finish()
 """
 
@@ -87,6 +92,8 @@ import sys, json
 from unmerge.merge_config import merge
 merge(json.loads(sys.argv[1]), sys.argv[2], device=sys.argv[3], progress=False)
 """
+
+MAPPED_FLOOR = "io-floor, output from the input's mapped pages (reference)"
 
 
 def mergekit_command(explicit: str | None = None) -> str | None:
@@ -145,7 +152,7 @@ def bench_merge(workdir: Path, size_bytes: int, n_models: int = 3, methods: tupl
     version (``unmerge.checkpoint.hashing``). The first job (``cold hashes``, run once) starts from an empty digest
     cache and so pays for hashing every input; the other unmerge jobs find the digests known, as a repeated merge
     of the same models does. ``threads`` sets ``OMP_NUM_THREADS`` (torch's thread count) for every job, mergekit's
-    included. With ``repeat`` > 1 every other job runs that many times in rounds (floor, then each method's jobs)
+    included. With ``repeat`` > 1 every other job runs that many times in rounds (the floors, then each method's jobs)
     and each row holds the job's median run, its ratios taken against the median floor: a passing load then
     hits every job alike."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -188,8 +195,9 @@ def bench_merge(workdir: Path, size_bytes: int, n_models: int = 3, methods: tupl
         shutil.rmtree(workdir / "out-unmerge-cold", ignore_errors=True)
     for _ in range(max(1, repeat)):
         floor_out = workdir / "out-floor"
-        run("io-floor", python_job(FLOOR_CODE) + [",".join(map(str, inputs)), str(floor_out)], floor_out)
-        shutil.rmtree(floor_out, ignore_errors=True)
+        for label, variant in (("io-floor", "copy"), (MAPPED_FLOOR, "mapped")):
+            run(label, python_job(FLOOR_CODE) + [",".join(map(str, inputs)), str(floor_out), variant], floor_out)
+            shutil.rmtree(floor_out, ignore_errors=True)
         for method in methods:
             out = workdir / f"out-unmerge-{method}"
             mine = ours(method, out, f"unmerge:{method}")
@@ -209,7 +217,8 @@ def bench_merge(workdir: Path, size_bytes: int, n_models: int = 3, methods: tupl
     floor_job = median("io-floor")[0]
     floor = floor_job.seconds if floor_job.returncode == 0 else None
     rows: list[dict] = []
-    for label in ["io-floor"] + [k for k in runs if k != "io-floor"]:
+    floors = ["io-floor", MAPPED_FLOOR]
+    for label in floors + [k for k in runs if k not in floors]:
         job, load = median(label)
         row = {"job": label, "seconds": round(job.seconds, 2),
                "x_floor": round(job.seconds / floor, 2) if floor else 1.0, "cpu_s": round(job.cpu_seconds, 2),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from unmerge.methods.kernels import flat, map_chunks
-from unmerge.methods.registry import WEIGHT, Method, Param, TensorTask, register
+from unmerge.methods.registry import WEIGHT, Method, Param, Proof, TensorTask, register
 from unmerge.methods.sparsify import Shrink, model_taus, stream_combine
 
 
@@ -30,7 +30,8 @@ def linear(models: list[torch.Tensor], weights: list[float], normalize: bool = T
 
 
 def task_arithmetic(base: torch.Tensor, models: list[torch.Tensor], weights: list[float], lam: float = 1.0,
-                    normalize: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+                    normalize: bool = False, out: torch.Tensor | None = None, proof: Proof | None = None
+                    ) -> torch.Tensor:
     """θ = θ₀ + λ Σ_t w_t (θ_t − θ₀)  (÷ Σ_t w_t with ``normalize``, as mergekit: a |Σ w| below 1e-8 divides by 1).
 
     The sparsified sum of :func:`~unmerge.methods.sparsify.stream_combine` with nothing trimmed: streamed in chunks
@@ -39,13 +40,13 @@ def task_arithmetic(base: torch.Tensor, models: list[torch.Tensor], weights: lis
     if not models:
         return base + 0.0  # θ₀ + λ · (an empty sum)
     return stream_combine(base, model_taus(base, models), [Shrink(None)] * len(models), weights, "task_arithmetic",
-                          lam, "paper", normalize, models=models, out=out)
+                          lam, "paper", normalize, models=models, out=out, proof=proof)
 
 
-def negation(base: torch.Tensor, forget: torch.Tensor, alpha: float, out: torch.Tensor | None = None
-             ) -> torch.Tensor:
+def negation(base: torch.Tensor, forget: torch.Tensor, alpha: float, out: torch.Tensor | None = None,
+             proof: Proof | None = None) -> torch.Tensor:
     """θ = θ₀ − α (θ_f − θ₀): task arithmetic with weight −α."""
-    return task_arithmetic(base, [forget], [-alpha], out=out)
+    return task_arithmetic(base, [forget], [-alpha], out=out, proof=proof)
 
 
 def _linear(task: TensorTask) -> torch.Tensor:
@@ -70,7 +71,7 @@ register(Method(
 register(Method(
     name="task_arithmetic",
     fn=lambda t: task_arithmetic(t.base, t.models, t.params["weight"], t.params["lambda"], t.params["normalize"],
-                                 t.out),
+                                 t.out, t.proof),
     summary="add scaled task vectors to the base (Ilharco et al., 2023); negation is w < 0",
     formula="θ = θ₀ + λ Σ w_t (θ_t − θ₀)  (÷ Σ w_t with normalize: true)",
     params=(WEIGHT, Param("lambda", 1.0, float, "global scale λ of the summed task vectors", aliases=("scaling_coef",)),
@@ -83,7 +84,7 @@ ALPHA = Param("alpha", 1.0, float, "removal strength α", minimum=0.0, min_exclu
 
 register(Method(
     name="negation",
-    fn=lambda t: negation(t.base, t.models[0], t.params["alpha"], t.out),
+    fn=lambda t: negation(t.base, t.models[0], t.params["alpha"], t.out, t.proof),
     summary="subtract the forget task vector (task-arithmetic negation baseline)",
     formula="θ = θ₀ − α (θ_f − θ₀)",
     params=(ALPHA,),

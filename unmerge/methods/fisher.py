@@ -38,9 +38,8 @@ def fisher_norms(stream: Callable[[], Iterator[TensorTask]]) -> list[float]:
     return [math.sqrt(s) if s > 0 else 1.0 for s in squares]
 
 
-def _fisher_prepass(stream: Callable[[], Iterator[TensorTask]]) -> dict[str, Any]:
-    first = next(iter(stream()), None)
-    if first is None or not first.params["normalize_fisher"]:
+def _fisher_prepass(params: dict[str, Any], stream: Callable[[], Iterator[TensorTask]]) -> dict[str, Any]:
+    if not params["normalize_fisher"]:
         return {}
     return {"fisher_norms": fisher_norms(stream)}
 

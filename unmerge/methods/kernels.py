@@ -226,10 +226,9 @@ def kth_largest_abs(base: Tensor, models: list[Tensor], ks: list[int]) -> list[K
 
     def scan(s: int, e: int) -> dict[int, tuple[int, Tensor, bool]]:
         found = {}
-        for i in todo:
-            if i in failed:
-                continue
-            count, band, finite = band_scan(ms[i][s:e], b[s:e], *brackets[i])
+        going = [i for i in todo if i not in failed]
+        for i, (count, band, finite) in zip(going, band_scan(b[s:e], [ms[i][s:e] for i in going],
+                                                             [brackets[i] for i in going])):
             with lock:
                 held[i] += band.numel()
                 if held[i] > cap:
@@ -268,14 +267,19 @@ def kth_largest_abs(base: Tensor, models: list[Tensor], ks: list[int]) -> list[K
     return out
 
 
-def band_scan(m: Tensor, b: Tensor, low: float, high: float) -> tuple[int, Tensor, bool]:
-    """(#{|m − b| > high}, the |m − b| with low < |m − b| ≤ high in position order, whether every |m − b| is
-    known finite: the native scan checks it as it goes, the torch one does not) over one chunk."""
-    if native.usable(m, b):
-        return native.band_scan(m, b, low, high)
-    magnitude = torch.sub(m, b).abs_()
-    over = magnitude > high
-    return int(torch.count_nonzero(over)), magnitude[(magnitude > low) ^ over], False
+def band_scan(b: Tensor, models: list[Tensor], brackets: list[tuple[float, float]]
+              ) -> list[tuple[int, Tensor, bool]]:
+    """For each model m and its bracket (low, high), over one chunk: (#{|m − b| > high}, the |m − b| with
+    low < |m − b| ≤ high in position order, whether every |m − b| is known finite: the native scan checks it as it
+    goes, the torch one does not). The native scan reads ``b`` once for all the models."""
+    if native.usable(b, *models):
+        return native.band_scan(b, models, [low for low, _ in brackets], [high for _, high in brackets])
+    found = []
+    for m, (low, high) in zip(models, brackets):
+        magnitude = torch.sub(m, b).abs_()
+        over = magnitude > high
+        found.append((int(torch.count_nonzero(over)), magnitude[(magnitude > low) ^ over], False))
+    return found
 
 
 def _count_equal(b: Tensor, m: Tensor, value: float) -> int:

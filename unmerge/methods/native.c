@@ -14,41 +14,93 @@
  * bracket of ~2% of the entries, 256 would put one in nearly every block; 64 measured fastest (16 pays the loop) */
 #define SCAN_BLOCK 64
 
-/* |m - b| over n elements: returns how many exceed `high`; writes those in (low, high] to band (in position order,
- * their number to *n_band; band must hold n floats); *finite = 1 when every |m - b| is finite, which proves m and b
- * finite (NaN or Inf in either gives a NaN or Inf difference). */
-int64_t um_band_scan(const float *m, const float *b, int64_t n, float low, float high, float *band,
-                     int64_t *n_band, int *finite) {
-    int64_t above = 0, kept = 0;
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* The band scan of one model over [i, end), end - i a multiple of 16, 16 lanes at a time in one pass: the same
+ * float operations and comparisons (ordered: NaN compares false) as the scalar loop, the band compacted with a
+ * compress. Each compressed vector is stored whole: the band needs 16 floats of slack past its entries. */
+static inline void scan_lanes(const float *m, const float *b, int64_t i, int64_t end, float lo, float hi,
+                              float *band, int64_t *kept, int64_t *above, int *finite) {
+    const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi), vmax = _mm512_set1_ps(FLT_MAX);
+    int64_t k = *kept, count = 0;
+    __mmask16 ok = 0xFFFF;
+    for (; i < end; i += 16) {
+        const __m512 a = _mm512_abs_ps(_mm512_sub_ps(_mm512_loadu_ps(m + i), _mm512_loadu_ps(b + i)));
+        const __mmask16 over = _mm512_cmp_ps_mask(a, vhi, _CMP_GT_OQ);
+        const __mmask16 in = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(a, vlo, _CMP_GT_OQ), a, vhi, _CMP_LE_OQ);
+        ok &= _mm512_cmp_ps_mask(a, vmax, _CMP_LE_OQ);
+        count += __builtin_popcount(over);
+        _mm512_storeu_ps(band + k, _mm512_maskz_compress_ps(in, a));
+        k += __builtin_popcount(in);
+    }
+    *kept = k;
+    *above += count;
+    *finite &= ok == 0xFFFF;
+}
+#define SCAN_SLACK 16
+#else
+#define SCAN_SLACK 0
+#endif
+
+/* Floats of slack each band of um_band_scan needs past n (16 where the AVX-512 loop stores whole vectors). */
+int um_band_slack(void) { return SCAN_SLACK; }
+
+/* For each model j, |m_j - b| over n elements (the models together, block by block: b is read from memory once):
+ * above[j] = how many exceed high[j]; those in (low[j], high[j]] go to bands[j] (in position order, their number
+ * to n_band[j]; bands[j] must hold n + um_band_slack() floats); finite[j] = 1 when every |m_j - b| is finite, which
+ * proves m_j and b finite (NaN or Inf in either gives a NaN or Inf difference). */
+void um_band_scan(const float *b, const float *const *ms, int n_models, int64_t n, const float *low,
+                  const float *high, float *const *bands, int64_t *n_band, int64_t *above, int *finite) {
+    for (int j = 0; j < n_models; j++) {
+        above[j] = 0;
+        n_band[j] = 0;
+        finite[j] = 1;
+    }
     int64_t start = 0;
-    int ok = 1;
+#if defined(__AVX512F__)
+    for (; start + BLOCK <= n; start += BLOCK)
+        for (int j = 0; j < n_models; j++)
+            scan_lanes(ms[j], b, start, start + BLOCK, low[j], high[j], bands[j], &n_band[j], &above[j], &finite[j]);
+#else
     for (; start + SCAN_BLOCK <= n; start += SCAN_BLOCK) {
-        int count = 0, inside = 0;
-        for (int i = 0; i < SCAN_BLOCK; i++) {
-            float a = fabsf(m[start + i] - b[start + i]);
-            count += a > high;
-            inside |= (a > low) & (a <= high);
-            ok &= a <= FLT_MAX;
-        }
-        above += count;
-        if (inside) {
+        const float *bb = b + start;
+        for (int j = 0; j < n_models; j++) {
+            const float *m = ms[j] + start;
+            const float lo = low[j], hi = high[j];
+            int count = 0, inside = 0, ok = 1;
             for (int i = 0; i < SCAN_BLOCK; i++) {
-                float a = fabsf(m[start + i] - b[start + i]);
-                band[kept] = a;
-                kept += (a > low) & (a <= high);
+                float a = fabsf(m[i] - bb[i]);
+                count += a > hi;
+                inside |= (a > lo) & (a <= hi);
+                ok &= a <= FLT_MAX;
+            }
+            above[j] += count;
+            finite[j] &= ok;
+            if (inside) {
+                float *band = bands[j];
+                int64_t kept = n_band[j];
+                for (int i = 0; i < SCAN_BLOCK; i++) {
+                    float a = fabsf(m[i] - bb[i]);
+                    band[kept] = a;
+                    kept += (a > lo) & (a <= hi);
+                }
+                n_band[j] = kept;
             }
         }
     }
-    for (int64_t i = start; i < n; i++) {
-        float a = fabsf(m[i] - b[i]);
-        above += a > high;
-        band[kept] = a;
-        kept += (a > low) & (a <= high);
-        ok &= a <= FLT_MAX;
+#endif
+    for (int j = 0; j < n_models; j++) {
+        const float lo = low[j], hi = high[j];
+        float *band = bands[j];
+        for (int64_t i = start; i < n; i++) {
+            float a = fabsf(ms[j][i] - b[i]);
+            above[j] += a > hi;
+            band[n_band[j]] = a;
+            n_band[j] += (a > lo) & (a <= hi);
+            finite[j] &= a <= FLT_MAX;
+        }
     }
-    *n_band = kept;
-    *finite = ok;
-    return above;
 }
 
 /* Trimmed task vectors of one block: s_j = hardshrink(m_j - b, t_j) * f_j (* w_j when weighted). torch's
@@ -87,13 +139,21 @@ static void trimmed(const float *const *ms, const float *b, int64_t start, int l
     }
 }
 
+/* 1 when every one of the len values is finite (|x| <= FLT_MAX is false for NaN and +-Inf). */
+static int finite_block(const float *x, int len) {
+    int ok = 1;
+    for (int i = 0; i < len; i++) ok &= fabsf(x[i]) <= FLT_MAX;
+    return ok;
+}
+
 /* Sparsified sum: out = b + lam * (sum_j w_j s_j [/ divisor]), s_j trimmed as above (t = -inf, f = 1: plain task
- * arithmetic). The sum runs over j in order, as the torch loop does. */
-void um_sum_combine(const float *b, const float *const *ms, int n_models, const float *t, const float *f,
-                    const float *tie, int64_t *quota, const float *w, int normalize, float divisor, float lam,
-                    float *out, int64_t n) {
+ * arithmetic). The sum runs over j in order, as the torch loop does. Returns 1 when every output is finite. */
+int um_sum_combine(const float *b, const float *const *ms, int n_models, const float *t, const float *f,
+                   const float *tie, int64_t *quota, const float *w, int normalize, float divisor, float lam,
+                   float *out, int64_t n) {
     float s[n_models][BLOCK];
     float acc[BLOCK];
+    int finite = 1;
     for (int64_t start = 0; start < n; start += BLOCK) {
         const int len = n - start < BLOCK ? (int)(n - start) : BLOCK;
         trimmed(ms, b, start, len, n_models, t, f, w, 1, tie, quota, s);
@@ -106,21 +166,25 @@ void um_sum_combine(const float *b, const float *const *ms, int n_models, const 
             for (int i = 0; i < len; i++) o[i] = bb[i] + (acc[i] / divisor) * lam;
         else
             for (int i = 0; i < len; i++) o[i] = bb[i] + acc[i] * lam;
+        finite &= finite_block(o, len);
     }
+    return finite;
 }
 
 /* TIES combine (see _combine_chunk in sparsify.py for the float formulation this reproduces):
  *   s_j = trimmed (weighted by w_j when weighted_sign), gamma = sgn(sum_j s_j), or zero_sign where the sum is 0,
  *   z_j = relu(gamma s_j), count = sum_j [z_j > 0] (* w_j when weighted_divisor), agree = sum_j z_j (* w_j when not
  *   weighted_sign), out = b + lam * gamma * agree [/ count clamped: to FLT_MIN, or 1 where 0 with one_if_zero].
- * Returns sum_j sgn(sum) over the chunk; *tie_mass gets the agreeing mass where the sum is 0. */
+ * Returns sum_j sgn(sum) over the chunk; *tie_mass gets the agreeing mass where the sum is 0, *finite 1 when every
+ * output is finite. */
 int64_t um_ties_combine(const float *b, const float *const *ms, int n_models, const float *t, const float *f,
                         const float *tie, int64_t *quota, const float *w, int weighted_sign, int weighted_divisor,
                         int normalize, int one_if_zero, float lam, float zero_sign, float *out, int64_t n,
-                        double *tie_mass) {
+                        double *tie_mass, int *finite) {
     float s[n_models][BLOCK];
     float total[BLOCK], gamma[BLOCK], agree[BLOCK], count[BLOCK];
     int64_t sign_sum = 0;
+    int ok = 1;
     double mass = 0.0;
     for (int64_t start = 0; start < n; start += BLOCK) {
         const int len = n - start < BLOCK ? (int)(n - start) : BLOCK;
@@ -165,8 +229,10 @@ int64_t um_ties_combine(const float *b, const float *const *ms, int n_models, co
                 o[i] = bb[i] + ((agree[i] * gamma[i]) / c) * lam;
             }
         }
+        ok &= finite_block(o, len);
     }
     *tie_mass = mass;
+    *finite = ok;
     return sign_sum;
 }
 

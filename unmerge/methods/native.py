@@ -79,14 +79,17 @@ def _compile(compiler: str, target: Path) -> Path | None:
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    lib.um_band_scan.restype = _i64
-    lib.um_band_scan.argtypes = [_pointer, _pointer, _i64, _f32, _f32, _pointer, _pointer, _pointer]
-    lib.um_sum_combine.restype = None
+    lib.um_band_slack.restype = _int
+    lib.um_band_slack.argtypes = []
+    lib.um_band_scan.restype = None
+    lib.um_band_scan.argtypes = [_pointer, _pointer, _int, _i64, _pointer, _pointer, _pointer, _pointer, _pointer,
+                                 _pointer]
+    lib.um_sum_combine.restype = _int
     lib.um_sum_combine.argtypes = [_pointer, _pointer, _int, _pointer, _pointer, _pointer, _pointer, _pointer, _int,
                                    _f32, _f32, _pointer, _i64]
     lib.um_ties_combine.restype = _i64
     lib.um_ties_combine.argtypes = [_pointer, _pointer, _int, _pointer, _pointer, _pointer, _pointer, _pointer, _int,
-                                    _int, _int, _int, _f32, _f32, _pointer, _i64, _pointer]
+                                    _int, _int, _int, _f32, _f32, _pointer, _i64, _pointer, _pointer]
     lib.um_all_finite.restype = _int
     lib.um_all_finite.argtypes = [_pointer, _i64]
     return lib
@@ -146,17 +149,21 @@ def all_finite(x: Tensor) -> bool:
 _scratch = threading.local()
 
 
-def band_scan(m: Tensor, b: Tensor, low: float, high: float) -> tuple[int, Tensor, bool]:
-    """(#{|m − b| > high}, the |m − b| in (low, high] in position order, whether every |m − b| is finite) for
-    float32 1-D chunks."""
-    n = b.numel()
+def band_scan(b: Tensor, models: list[Tensor], lows: list[float], highs: list[float]
+              ) -> list[tuple[int, Tensor, bool]]:
+    """For each model: (#{|m − b| > high}, the |m − b| in (low, high] in position order, whether every |m − b| is
+    finite), for float32 1-D chunks; the models are scanned together (``b`` read once)."""
+    n, count = b.numel(), len(models)
+    lib = library()
+    stride = n + lib.um_band_slack()  # (the vector loop stores whole vectors past the last entry)
     buffer = getattr(_scratch, "band", None)
-    if buffer is None or buffer.numel() < n:
-        buffer = _scratch.band = torch.empty(n)
-    kept, finite = _i64(), _int()
-    above = library().um_band_scan(m.data_ptr(), b.data_ptr(), n, low, high, buffer.data_ptr(), ctypes.byref(kept),
-                                   ctypes.byref(finite))
-    return int(above), buffer[:kept.value].clone(), bool(finite.value)
+    if buffer is None or buffer.numel() < stride * count:
+        buffer = _scratch.band = torch.empty(stride * count)
+    bands = [buffer[j * stride:(j + 1) * stride] for j in range(count)]
+    kept, above, finite = (_i64 * count)(), (_i64 * count)(), (_int * count)()
+    lib.um_band_scan(b.data_ptr(), _pointers(models), count, n, _floats(lows), _floats(highs),
+                           _pointers(bands), kept, above, finite)
+    return [(int(above[j]), bands[j][:kept[j]].clone(), bool(finite[j])) for j in range(count)]
 
 
 @dataclass(frozen=True)
@@ -175,19 +182,20 @@ class Trim:
 
 
 def sum_combine(b: Tensor, models: list[Tensor], trim: Trim, weights: list[float], normalize: bool, divisor: float,
-                lam: float, out: Tensor) -> None:
-    """out = b + λ Σ_t w_t trim_t(m_t − b) [/ divisor], over one chunk."""
-    library().um_sum_combine(b.data_ptr(), _pointers(models), len(models), *trim.arrays(), _floats(weights),
-                             int(normalize), divisor, lam, out.data_ptr(), b.numel())
+                lam: float, out: Tensor) -> bool:
+    """out = b + λ Σ_t w_t trim_t(m_t − b) [/ divisor], over one chunk; whether every output value is finite."""
+    return bool(library().um_sum_combine(b.data_ptr(), _pointers(models), len(models), *trim.arrays(),
+                                         _floats(weights), int(normalize), divisor, lam, out.data_ptr(), b.numel()))
 
 
 def ties_combine(b: Tensor, models: list[Tensor], trim: Trim, weights: list[float], weighted_sign: bool,
                  weighted_divisor: bool, normalize: bool, one_if_zero: bool, lam: float, zero_sign: float,
-                 out: Tensor) -> tuple[float, float]:
+                 out: Tensor) -> tuple[float, float, bool]:
     """The TIES combine of ``_combine_chunk`` on trim_t(m_t − b) over one chunk; returns (Σ sgn Σ_t s_t, the
-    agreeing mass where Σ_t s_t = 0)."""
-    mass = ctypes.c_double()
+    agreeing mass where Σ_t s_t = 0, whether every output value is finite)."""
+    mass, finite = ctypes.c_double(), _int()
     signs = library().um_ties_combine(b.data_ptr(), _pointers(models), len(models), *trim.arrays(), _floats(weights),
                                       int(weighted_sign), int(weighted_divisor), int(normalize), int(one_if_zero),
-                                      lam, zero_sign, out.data_ptr(), b.numel(), ctypes.byref(mass))
-    return float(signs), mass.value
+                                      lam, zero_sign, out.data_ptr(), b.numel(), ctypes.byref(mass),
+                                      ctypes.byref(finite))
+    return float(signs), mass.value, bool(finite.value)

@@ -94,7 +94,9 @@ class TensorTask:
     step that read every input value and found them all finite sets ``inputs_finite``, and the engine then skips
     its own NaN/Inf check of the inputs. ``out``, when set (by the engine, on the CPU), is a flat float32 buffer of
     the tensor's size that the method may write its result into and return (viewed to the shape): the engine
-    recycles it once written, which saves the page faults of fresh memory.
+    recycles it once written, which saves the page faults of fresh memory. ``proof`` is for the kernels that make
+    the returned tensor: ``proof.finite`` set means they saw every value of it finite, and the engine does not read
+    it again for its NaN/Inf check (pass it only to the call whose output is returned unchanged).
     """
 
     name: str
@@ -107,9 +109,17 @@ class TensorTask:
     prepared: Any = None
     inputs_finite: bool = False
     out: torch.Tensor | None = None
+    proof: "Proof" = field(default_factory=lambda: Proof())
 
 
-Prepass = Callable[[Callable[[], Iterator[TensorTask]]], dict[str, Any]]
+@dataclass
+class Proof:
+    """What a kernel proved about the tensor it wrote: ``finite``, every value was seen finite as written."""
+
+    finite: bool = False
+
+
+Prepass = Callable[[dict[str, Any], Callable[[], Iterator[TensorTask]]], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -125,8 +135,9 @@ class Method:
     max_models: int | None = None
     aliases: tuple[str, ...] = ()
     symmetric: bool = True  # permuting the input models does not change the result
-    # Whole-model pre-pass: called with a factory of fresh streams of TensorTasks (one tensor at a time, so it can
-    # take several passes without holding the model); returns the JSON-able ``context`` given to every task.
+    # Whole-model pre-pass: called with the first float tensor's parameters (to decide whether it is needed, with
+    # no tensor read) and a factory of fresh streams of TensorTasks (one tensor at a time, so it can take several
+    # passes without holding the model); returns the JSON-able ``context`` given to every task.
     prepass: Prepass | None = None
     # Per-tensor preparation, split from ``fn`` so that the engine can run it on its loader thread for the next
     # tensor while ``fn`` combines the current one (e.g. TIES's exact top-k thresholds: a whole pass over the

@@ -66,7 +66,7 @@ from unmerge.errors import MethodError
 from unmerge.methods import native
 from unmerge.methods.kernels import (Kth, band_scan, below, chunk_size, flat, kth_largest_abs, kth_smallest,
                                      map_chunks, output_buffer, radix_histograms, run_tasks, sample_bracket, spans)
-from unmerge.methods.registry import WEIGHT, Method, Param, TensorTask, register
+from unmerge.methods.registry import WEIGHT, Method, Param, Proof, TensorTask, register
 
 Tensor = torch.Tensor
 # τ chunk (a fresh tensor the sparsifier may modify in place), start, end -> sparsified chunk
@@ -163,13 +163,14 @@ def _combine_chunk(base: Tensor, ys: list[Tensor], weights: list[float], how: st
 
 def stream_combine(base: Tensor, taus: Callable[[int, int, int], Tensor], sparsifiers: list[Sparsifier],
                    weights: list[float], how: str, lam: float, compat: str, normalize: bool,
-                   chunk: int | None = None, models: list[Tensor] | None = None, out: Tensor | None = None
-                   ) -> Tensor:
+                   chunk: int | None = None, models: list[Tensor] | None = None, out: Tensor | None = None,
+                   proof: Proof | None = None) -> Tensor:
     """θ₀ + λ·combine(sparsified τ_t), chunk by chunk (``taus(t, start, end)`` gives a fresh chunk of τ_t), into
     ``out`` (a flat buffer of θ₀'s size and dtype) if given.
 
     ``models``: the θ_t with τ_t = θ_t − θ₀; given, and with :class:`Shrink` sparsifiers, float32 CPU chunks run in
-    the fused native loops (:mod:`unmerge.methods.native`, bitwise the same result)."""
+    the fused native loops (:mod:`unmerge.methods.native`, bitwise the same result), which also check each output
+    value as they write it: ``proof.finite`` is then set when all were finite."""
     conv = CONVENTIONS[compat]
     b = flat(base)
     n = b.numel()
@@ -187,23 +188,25 @@ def stream_combine(base: Tensor, taus: Callable[[int, int, int], Tensor], sparsi
     if ms and all(isinstance(r, Shrink) for r in sparsifiers) and native.usable(b, out, *ms):
         one_if_zero = conv.weighted_divisor and not min(weights) > 1e-30
 
-        def run(s: int, e: int, zero_sign: float = 1.0) -> tuple[float, float]:
+        def run(s: int, e: int, zero_sign: float = 1.0) -> tuple[float, float, bool]:
             chunks, trim = [m[s:e] for m in ms], _native_trim(sparsifiers, s)
             if how != "ties":
-                native.sum_combine(b[s:e], chunks, trim, weights, normalize, divisor, lam, out[s:e])
-                return 0.0, 0.0
+                return 0.0, 0.0, native.sum_combine(b[s:e], chunks, trim, weights, normalize, divisor, lam, out[s:e])
             return native.ties_combine(b[s:e], chunks, trim, weights, conv.weighted_sign, conv.weighted_divisor,
                                        normalize, one_if_zero, lam, zero_sign, out[s:e])
     else:
-        def run(s: int, e: int, zero_sign: float = 1.0) -> tuple[float, float]:
+        def run(s: int, e: int, zero_sign: float = 1.0) -> tuple[float, float, bool]:
             ys = [sparsify(taus(i, s, e), s, e) for i, sparsify in enumerate(sparsifiers)]
-            return _combine_chunk(b[s:e], ys, weights, how, lam, conv, normalize, divisor, out[s:e], zero_sign)
+            return (*_combine_chunk(b[s:e], ys, weights, how, lam, conv, normalize, divisor, out[s:e], zero_sign),
+                    False)
 
     results = map_chunks(run, n, b, chunk)
     if how == "ties" and conv.zero_to_majority and sum(r[0] for r in results) < 0:
-        for (s, e), (_, tie_mass) in zip(spans(n, chunk), results):  # γ = −1 where Σ = 0: redo those chunks
-            if tie_mass > 0:
-                run(s, e, -1.0)
+        for i, (s, e) in enumerate(spans(n, chunk)):  # γ = −1 where Σ = 0: redo those chunks
+            if results[i][1] > 0:
+                results[i] = run(s, e, -1.0)
+    if proof is not None:
+        proof.finite = all(r[2] for r in results)
     return out.view_as(base)
 
 
@@ -385,12 +388,14 @@ def ties_rules(base: Tensor, models: list[Tensor], density: list[float], compat:
 
 def ties(base: Tensor, models: list[Tensor], weights: list[float], density: list[float], lam: float = 1.0,
          compat: str = "paper", normalize: bool | None = None, thresholds: list[float] | None = None,
-         rescale: bool = False, rules: list[Sparsifier] | None = None, out: Tensor | None = None) -> Tensor:
+         rescale: bool = False, rules: list[Sparsifier] | None = None, out: Tensor | None = None,
+         proof: Proof | None = None) -> Tensor:
     """TIES: trim each τ_t (``rules``, else :func:`ties_rules`), elect signs, disjoint mean; θ = θ₀ + λ τ_m."""
     if rules is None:
         rules = ties_rules(base, models, density, compat, thresholds, rescale)
     return stream_combine(base, model_taus(base, models), rules, weights, "ties", lam, compat,
-                          _family_normalize(CONVENTIONS[compat], normalize, True), chunk_size(base), models, out)
+                          _family_normalize(CONVENTIONS[compat], normalize, True), chunk_size(base), models, out,
+                          proof)
 
 
 # ---------------------------------------------------------------------------------------------------- random masks
@@ -613,7 +618,7 @@ def global_thresholds(stream: Callable[[], Iterator[TensorTask]]) -> list[float]
             m = flat(model)
 
             def scan(s: int, e: int, m: Tensor = m, low: float = low, high: float = high, i: int = i):
-                count, band, _ = band_scan(m[s:e].float(), b[s:e].float(), low, high)
+                count, band, _ = band_scan(b[s:e].float(), [m[s:e].float()], [(low, high)])[0]
                 with lock:
                     held[i] += band.numel()
                 return count, band.cpu()
@@ -654,9 +659,8 @@ def _radix_global(stream: Callable[[], Iterator[TensorTask]], ks: list[int]) -> 
     return radix_histograms(chunks, ks)
 
 
-def _ties_prepass(stream: Callable[[], Iterator[TensorTask]]) -> dict[str, Any]:
-    first = next(iter(stream()), None)
-    if first is None or first.params["scope"] != "global":
+def _ties_prepass(params: dict[str, Any], stream: Callable[[], Iterator[TensorTask]]) -> dict[str, Any]:
+    if params["scope"] != "global":
         return {}
     return {"ties_thresholds": global_thresholds(stream)}
 
@@ -697,7 +701,7 @@ def _ties_fn(task: TensorTask) -> Tensor:
     p = task.params
     rules = task.prepared if task.prepared is not None else _ties_prepare(task)
     return ties(task.base, task.models, p["weight"], p["density"], p["lambda"], p["compat"], p["normalize"],
-                rules=rules, out=task.out)
+                rules=rules, out=task.out, proof=task.proof)
 
 
 register(Method(
@@ -739,7 +743,8 @@ def _sparsified(make: MakeSparsifier, family_normalize: bool, row_chunks: bool
         normalize = p["normalize"] if p["combine"] != "ties" else _family_normalize(conv, p["normalize"],
                                                                                       family_normalize)
         return stream_combine(task.base, model_taus(task.base, task.models), rules, p["weight"], p["combine"],
-                              p["lambda"], p["compat"], bool(normalize), chunk_of(task), task.models, task.out)
+                              p["lambda"], p["compat"], bool(normalize), chunk_of(task), task.models, task.out,
+                              task.proof)
     return fn, prepare
 
 

@@ -38,7 +38,7 @@ from unmerge.errors import RecipeError, did_you_mean
 from unmerge.methods import get_method
 from unmerge.methods.params import ParamPlan
 from unmerge.multitask.tasks import TaskSplits, build_task
-from unmerge.recipe import ANY, check_keys, fill_defaults, load_yaml_data
+from unmerge.recipe import ANY, check_keys, fill_defaults, load_yaml_data, report_run, selection_rule
 from unmerge.report.selection import parse_rule
 from unmerge.stats import Statistic
 from unmerge.stats.compute import EstimationRun, layer_parameter, store_statistic
@@ -168,8 +168,7 @@ class MultiTaskRun:
             raise RecipeError(f"stats.estimator is '{est}'", did_you_mean(est, ["sampled", "empirical"]))
 
     def selection_rule(self) -> dict[str, Any] | None:
-        select = self.recipe["select"]
-        return select if (select.get("minimize") or select.get("maximize")) else None
+        return selection_rule(self.recipe)
 
     @property
     def splits(self) -> dict[str, TaskSplits]:
@@ -411,28 +410,20 @@ class MultiTaskRun:
             "metrics": ["accuracy.average"] + [f"accuracy.{t}" for t in self.task_names], "methods": swept,
             "references": list(REFERENCES)}
         plots = {"alpha_curves": curves}
-        run = {
-            "title": r["report"]["title"] or f"Multi-task merging report: {r['name']}",
-            "recipe": self.given,
-            "resolved": r,
-            "metrics": rows,
-            "records": records,
-            "selection": self.selection_rule(),
-            "eligible": [c["name"] for c in self.candidates if c["method"]],
-            "timings": {k: round(v, 2) for k, v in self.timings.items()},
-            "inputs": self.inputs,
-            "seeds": {"recipe": r["seed"]},
-            "caveats": self.caveats(merge_info),
-            "base_candidate": "base",
-            "protocol": {"tasks": {t: {"classes": s.train.label_names, "train": len(s.train.texts),
-                                       "test": len(s.test.texts)} for t, s in self.splits.items()},
-                         "train": r["train"], "stats": r["stats"], "merge": r["merge"], "evaluate": r["evaluate"],
-                         "heads": "each task is evaluated with the merged body and its own head (the head of its "
-                                  "individual model; the multitask model uses its own heads)",
-                         "tensor_rules": merge_info},
-            "plots": plots,
-            "compress_samples": r["report"]["compress_samples"],
-        }
+        run = report_run(
+            r, self.given, f"Multi-task merging report: {r['name']}", rows, records, self.timings, self.inputs,
+            eligible=[c["name"] for c in self.candidates if c["method"]],
+            seeds={"recipe": r["seed"]},
+            caveats=self.caveats(merge_info),
+            base_candidate="base",
+            protocol={"tasks": {t: {"classes": s.train.label_names, "train": len(s.train.texts),
+                                    "test": len(s.test.texts)} for t, s in self.splits.items()},
+                      "train": r["train"], "stats": r["stats"], "merge": r["merge"], "evaluate": r["evaluate"],
+                      "heads": "each task is evaluated with the merged body and its own head (the head of its "
+                               "individual model; the multitask model uses its own heads)",
+                      "tensor_rules": merge_info},
+            plots=plots,
+        )
         return write_bundle(self.out, run, overwrite=self.overwrite)
 
     def caveats(self, merge_info: dict[str, Any]) -> list[str]:
