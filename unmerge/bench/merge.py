@@ -131,6 +131,23 @@ def max_abs_difference(first: Path, second: Path) -> float | None:
     return worst
 
 
+def balanced_order(count: int, round_: int) -> list[int]:
+    """Row ``round_`` (cyclically) of a Williams design for ``count`` jobs: over ``count`` rounds (even ``count``;
+    twice that for odd) every job comes right after every other job equally often, so no job always pays for the
+    same predecessor. Row 0: 0, 1, n−1, 2, n−2, ...; row r adds r (mod n)."""
+    first, low, high = [0], 1, count - 1
+    while len(first) < count:
+        first.append(low)
+        low += 1
+        if len(first) < count:
+            first.append(high)
+            high -= 1
+    rows = count if count % 2 == 0 else 2 * count
+    r = round_ % rows
+    row = [(x + r) % count for x in first]
+    return row if r < count else row[::-1]
+
+
 def _settle() -> float:
     """Before each job: flush dirty pages (so that no job pays for the previous one's writeback) and return the
     1-minute load average."""
@@ -152,9 +169,12 @@ def bench_merge(workdir: Path, size_bytes: int, n_models: int = 3, methods: tupl
     version (``unmerge.checkpoint.hashing``). The first job (``cold hashes``, run once) starts from an empty digest
     cache and so pays for hashing every input; the other unmerge jobs find the digests known, as a repeated merge
     of the same models does. ``threads`` sets ``OMP_NUM_THREADS`` (torch's thread count) for every job, mergekit's
-    included. With ``repeat`` > 1 every other job runs that many times in rounds (the floors, then each method's jobs)
-    and each row holds the job's median run, its ratios taken against the median floor: a passing load then
-    hits every job alike."""
+    included. With ``repeat`` > 1 every other job runs that many times in rounds (the floor and each method's jobs,
+    in the order of :func:`balanced_order`: on a virtual machine a job can slow the one after it) and each row
+    holds the job's median run, its ratios taken against the median floor: a passing load then hits every job
+    alike. The reference floor that writes the input's mapped pages runs once, after the rounds: measured on the
+    development VM, the job after it took about 1 s longer (task arithmetic 3.6-3.9 s after it, 2.5-2.7 s after
+    the floor)."""
     workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "UNMERGE_CACHE": str(workdir / "cache")}
     if threads:
@@ -193,23 +213,30 @@ def bench_merge(workdir: Path, size_bytes: int, n_models: int = 3, methods: tupl
         shutil.rmtree(workdir / "cache" / "hashes", ignore_errors=True)
         ours(methods[0], workdir / "out-unmerge-cold", f"unmerge:{methods[0]} (cold hashes)")
         shutil.rmtree(workdir / "out-unmerge-cold", ignore_errors=True)
-    for _ in range(max(1, repeat)):
+    def floor(label: str, variant: str) -> None:
         floor_out = workdir / "out-floor"
-        for label, variant in (("io-floor", "copy"), (MAPPED_FLOOR, "mapped")):
-            run(label, python_job(FLOOR_CODE) + [",".join(map(str, inputs)), str(floor_out), variant], floor_out)
-            shutil.rmtree(floor_out, ignore_errors=True)
-        for method in methods:
-            out = workdir / f"out-unmerge-{method}"
-            mine = ours(method, out, f"unmerge:{method}")
-            if mergekit:
-                yaml_file = workdir / f"mergekit-{method}.yaml"
-                yaml_file.write_text(json.dumps(job_config(method, base, models, ours=False)))  # JSON is YAML
-                theirs_out = workdir / f"out-mergekit-{method}"
-                theirs = run(f"mergekit:{method}", [mergekit, str(yaml_file), str(theirs_out)], theirs_out)
-                if mine.returncode == 0 and theirs.returncode == 0:
-                    differences[f"mergekit:{method}"] = max_abs_difference(out, theirs_out)
-                shutil.rmtree(theirs_out, ignore_errors=True)
-            shutil.rmtree(out, ignore_errors=True)
+        run(label, python_job(FLOOR_CODE) + [",".join(map(str, inputs)), str(floor_out), variant], floor_out)
+        shutil.rmtree(floor_out, ignore_errors=True)
+
+    def method_jobs(method: str) -> None:
+        """Ours, then mergekit's on the same job (when found), then the largest difference of their outputs."""
+        out = workdir / f"out-unmerge-{method}"
+        mine = ours(method, out, f"unmerge:{method}")
+        if mergekit:
+            yaml_file = workdir / f"mergekit-{method}.yaml"
+            yaml_file.write_text(json.dumps(job_config(method, base, models, ours=False)))  # JSON is YAML
+            theirs_out = workdir / f"out-mergekit-{method}"
+            theirs = run(f"mergekit:{method}", [mergekit, str(yaml_file), str(theirs_out)], theirs_out)
+            if mine.returncode == 0 and theirs.returncode == 0:
+                differences[f"mergekit:{method}"] = max_abs_difference(out, theirs_out)
+            shutil.rmtree(theirs_out, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+    units = [lambda: floor("io-floor", "copy")] + [lambda method=method: method_jobs(method) for method in methods]
+    for round_ in range(max(1, repeat)):
+        for index in balanced_order(len(units), round_):
+            units[index]()
+    floor(MAPPED_FLOOR, "mapped")  # once, last: it slows the job after it (see bench_merge)
 
     def median(label: str) -> tuple[JobFigures, float]:
         return median_run(runs[label], lambda item: item[0].seconds)
@@ -224,6 +251,7 @@ def bench_merge(workdir: Path, size_bytes: int, n_models: int = 3, methods: tupl
                "x_floor": round(job.seconds / floor, 2) if floor else 1.0, "cpu_s": round(job.cpu_seconds, 2),
                "peak_rss_mb": round(job.peak_rss_mb), "peak_anon_mb": round(max(j.peak_anon_mb for j, _ in runs[label])),
                "load_1m": round(load, 2), "runs": len(runs[label]),
+               "each_s": "/".join(f"{j.seconds:.2f}" for j, _ in runs[label]),  # in run order: the spread
                "ok": all(j.returncode == 0 for j, _ in runs[label])}
         if label.startswith("mergekit:"):
             mine = median("unmerge:" + label.split(":", 1)[1])[0]
