@@ -161,8 +161,8 @@ def band_scan(b: Tensor, models: list[Tensor], lows: list[float], highs: list[fl
         buffer = _scratch.band = torch.empty(stride * count)
     bands = [buffer[j * stride:(j + 1) * stride] for j in range(count)]
     kept, above, finite = (_i64 * count)(), (_i64 * count)(), (_int * count)()
-    lib.um_band_scan(b.data_ptr(), _pointers(models), count, n, _floats(lows), _floats(highs),
-                           _pointers(bands), kept, above, finite)
+    lib.um_band_scan(b.data_ptr(), _pointers(models), count, n, _floats(lows), _floats(highs), _pointers(bands),
+                     kept, above, finite)
     return [(int(above[j]), bands[j][:kept[j]].clone(), bool(finite[j])) for j in range(count)]
 
 
