@@ -111,3 +111,28 @@ def test_a_nan_input_of_a_method_with_a_prepare_step_is_named(tmp_path, tiny_gpt
         with pytest.raises(CheckpointError, match=f"tensor '{name}' in '{dirs[2] / 'model.safetensors'}' has NaN"):
             merge(config, tmp_path / "out", device="cpu", progress=False)
         assert not (tmp_path / "out").exists()
+
+
+def test_write_behind_queues_small_outputs_in_order_and_writes_large_ones_in_place(monkeypatch):
+    from unmerge.engine import _WriteBehind
+
+    monkeypatch.setattr(_WriteBehind, "LIMIT", 400)
+    monkeypatch.setattr(_WriteBehind, "QUEUE", 800)
+    log, release = [], threading.Event()
+
+    class Writer:
+        def add(self, name, tensor):
+            if name == "s0":
+                assert release.wait(10)
+            log.append((name, threading.current_thread().name))
+
+    with _WriteBehind(Writer()) as behind:
+        behind.add("s0", torch.empty(100))  # 400 bytes: behind, held up in the writer until released
+        behind.add("s1", torch.empty(100))  # 800 bytes queued: still fits
+        assert len(behind.pending) == 2 and not log
+        threading.Timer(0.2, release.set).start()
+        behind.add("s2", torch.empty(100))  # 1200 > 800: waits for s0 first
+        assert log and log[0][0] == "s0"
+        behind.add("big", torch.empty(200))  # 800 bytes > LIMIT: after the queue, on the calling thread
+    assert [name for name, _ in log] == ["s0", "s1", "s2", "big"]
+    assert log[0][1].startswith("unmerge-write") and log[-1][1] == threading.current_thread().name

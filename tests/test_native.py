@@ -214,16 +214,19 @@ def test_a_failing_compiler_is_reported_and_leaves_nothing(tmp_path, monkeypatch
 # ---------------------------------------------------------------------------------------------------- the engine
 def test_output_buffers_recycle_by_size_within_the_largest_tensor():
     pool = _OutputBuffers()
-    pool.take(200)  # the largest tensor so far: the free buffers may hold 200 elements
+    assert pool.KEEP == 4
+    pool.take(1000)  # the largest tensor so far: the free buffers may hold 1000 elements
     a, b = pool.take(100), pool.take(100)
     assert a.numel() == 100 and a.dtype == torch.float32 and a.data_ptr() != b.data_ptr()
     pool.give(a.view(10, 10))
     pool.give(b)
-    pool.give(torch.empty(100))  # a third of the same size is not kept (KEEP = 2)
-    assert [t.numel() for t in pool.free] == [100, 100]
-    assert pool.take(100).data_ptr() == b.data_ptr()  # the most recently returned first
-    pool.give(torch.empty(150))  # 250 free elements > 200: the least recently returned goes
-    assert [t.numel() for t in pool.free] == [150]
+    for _ in range(3):
+        pool.give(torch.empty(100))  # a fifth of the same size is not kept
+    assert [t.numel() for t in pool.free] == [100] * 4
+    newest = pool.free[-1].data_ptr()
+    assert pool.take(100).data_ptr() == newest  # the most recently returned first
+    pool.give(torch.empty(800))  # 1100 free elements > 1000: the least recently returned (a) goes
+    assert [t.numel() for t in pool.free] == [100, 100, 800] and pool.free[0].data_ptr() == b.data_ptr()
     assert _same_memory(a.view(10, 10), a) and not _same_memory(a[:50], a) and not _same_memory(a.double(), a)
 
 
