@@ -348,7 +348,7 @@ def merge_checkpoints(
                                       f"{stored.dtype})", "check the inputs for NaN/Inf and the method parameters; "
                                       "a float16 output overflows above 65504: choose dtype bfloat16 or float32")
                 behind.add(name, stored, recycle)
-                stored = None  # (written, or being written: at most one more small tensor is alive)
+                stored = None  # (written, or queued for writing: at most _WriteBehind.QUEUE bytes of them)
                 if record:
                     result.per_tensor[name] = record
         for (kind, j), seen in any_nonzero.items():

@@ -80,9 +80,10 @@ for name in names:
     tensors = [c.get(name) for c in inputs]
     size = tensors[0].numel() * tensors[0].element_size()
     for i, t in enumerate(tensors[1:] if mapped else tensors, start=int(mapped)):
-        if buffers[min(i, 1)].numel() < size:
-            buffers[min(i, 1)] = torch.empty(size, dtype=torch.uint8)
-        buffers[min(i, 1)][:size].copy_(t.reshape(-1).view(torch.uint8))
+        slot = min(i, 1)
+        if buffers[slot].numel() < size:
+            buffers[slot] = torch.empty(size, dtype=torch.uint8)
+        buffers[slot][:size].copy_(t.reshape(-1).view(torch.uint8))
     writer.add(name, tensors[0] if mapped else buffers[0][:size].view(tensors[0].dtype).view(tensors[0].shape))
 writer.finish()
 """

@@ -139,10 +139,10 @@ static void trimmed(const float *const *ms, const float *b, int64_t start, int l
     }
 }
 
-/* 1 when every one of the len values is finite (|x| <= FLT_MAX is false for NaN and +-Inf). */
-static int finite_block(const float *x, int len) {
+/* 1 when every one of the n values is finite (|x| <= FLT_MAX is false for NaN and +-Inf). */
+static int finite_block(const float *x, int64_t n) {
     int ok = 1;
-    for (int i = 0; i < len; i++) ok &= fabsf(x[i]) <= FLT_MAX;
+    for (int64_t i = 0; i < n; i++) ok &= fabsf(x[i]) <= FLT_MAX;
     return ok;
 }
 
@@ -236,9 +236,5 @@ int64_t um_ties_combine(const float *b, const float *const *ms, int n_models, co
     return sign_sum;
 }
 
-/* 1 when none of the n float32 values (as bit patterns) is NaN or Inf, i.e. has every exponent bit set. */
-int um_all_finite(const uint32_t *x, int64_t n) {
-    uint32_t bad = 0;
-    for (int64_t i = 0; i < n; i++) bad |= (x[i] & 0x7f800000u) == 0x7f800000u;
-    return !bad;
-}
+/* 1 when none of the n float32 values is NaN or Inf. */
+int um_all_finite(const float *x, int64_t n) { return finite_block(x, n); }

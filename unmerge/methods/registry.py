@@ -84,6 +84,13 @@ WEIGHT = Param("weight", 1.0, float, "per-model weight w_i (negative to subtract
 
 
 @dataclass
+class Proof:
+    """What a kernel proved about the tensor it wrote: ``finite``, every value was seen finite as written."""
+
+    finite: bool = False
+
+
+@dataclass
 class TensorTask:
     """Everything a method sees for one tensor. ``params`` are already resolved for this tensor.
 
@@ -109,14 +116,7 @@ class TensorTask:
     prepared: Any = None
     inputs_finite: bool = False
     out: torch.Tensor | None = None
-    proof: "Proof" = field(default_factory=lambda: Proof())
-
-
-@dataclass
-class Proof:
-    """What a kernel proved about the tensor it wrote: ``finite``, every value was seen finite as written."""
-
-    finite: bool = False
+    proof: Proof = field(default_factory=Proof)
 
 
 Prepass = Callable[[dict[str, Any], Callable[[], Iterator[TensorTask]]], dict[str, Any]]

@@ -611,21 +611,22 @@ def global_thresholds(stream: Callable[[], Iterator[TensorTask]]) -> list[float]
     lock = threading.Lock()
     for task in stream():
         b = flat(task.base)
-        for i, model in enumerate(task.models):
-            if brackets[i] is None or i in failed:
-                continue
-            low, high = brackets[i]
-            m = flat(model)
+        going = [i for i in range(len(task.models)) if brackets[i] is not None and i not in failed]
+        ms = [flat(task.models[i]) for i in going]
 
-            def scan(s: int, e: int, m: Tensor = m, low: float = low, high: float = high, i: int = i):
-                count, band, _ = band_scan(b[s:e].float(), [m[s:e].float()], [(low, high)])[0]
-                with lock:
+        def scan(s: int, e: int, b: Tensor = b, going: list[int] = going, ms: list[Tensor] = ms):
+            # every model of the tensor in one scan: the base's chunk is read (and cast) once
+            found = band_scan(b[s:e].float(), [m[s:e].float() for m in ms], [brackets[i] for i in going])
+            with lock:
+                for i, (_, band, _) in zip(going, found):
                     held[i] += band.numel()
-                return count, band.cpu()
+            return [(count, band.cpu()) for count, band, _ in found]
 
-            for count, band in map_chunks(scan, b.numel(), b):
+        for chunk_found in (map_chunks(scan, b.numel(), b) if going else []):
+            for i, (count, band) in zip(going, chunk_found):
                 above[i] += count
                 inside[i].append(band)
+        for i in going:
             if held[i] > caps[i]:
                 failed.add(i)
                 inside[i] = []
