@@ -505,15 +505,15 @@ def _check_finite(name: str, ckpts: list[Checkpoint], tensors: list[torch.Tensor
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN/Inf. float32 on the CPU: a native bit test per value; else a finite sum proves it in one read without
-    a mask, and only an overflowing sum is checked in full."""
+    """No NaN/Inf. float32 on the CPU: a native |x| <= FLT_MAX test per value; else a finite sum proves it in one
+    read without a mask, and only an overflowing sum is checked in full."""
     if not tensor.is_floating_point() or not tensor.numel():
         return True
     from unmerge.methods import native
     from unmerge.methods.kernels import map_chunks
 
     flat = tensor.reshape(-1)  # chunked sums (a sum in another dtype would first copy the whole tensor)
-    if native.usable(flat):  # float32: a bit test per value
+    if native.usable(flat):  # float32: one native test per value
         return all(map_chunks(lambda s, e: native.all_finite(flat[s:e]), flat.numel(), flat))
     if all(map_chunks(lambda s, e: bool(torch.isfinite(flat[s:e].sum())), flat.numel(), flat)):
         return True
