@@ -98,6 +98,28 @@ def test_global_thresholds_and_the_zero_sum_tie_break(lib, monkeypatch):
         assert torch.equal(run(), _torch_only(run, monkeypatch))
 
 
+@pytest.mark.parametrize("native_kernels", [True, False])
+def test_exact_cancellations_take_the_majority_sign(native_kernels, lib, monkeypatch):
+    """The paper's tie-break where Σ_t τ̂_t = 0 exactly: γ is the sign of Σ sgn(Σ_t τ̂_t) over the tensor, here −1
+    (most positions sum negative), so each cancelled position keeps its negative entry; the chunks that hold a
+    cancellation are redone and no others."""
+    n = 3 * 262_144 + 17
+    a = torch.rand(n, generator=torch.Generator().manual_seed(5)).add_(0.5)  # entries in [0.5, 1.5): no zeros
+    base = torch.zeros(n)
+    first, second = a.clone(), -3 * a
+    cancelled = torch.arange(n) % 10 == 3
+    second[cancelled] = -a[cancelled]
+    redone = []
+    real = native.ties_combine
+    monkeypatch.setattr(native, "ties_combine", lambda *args: redone.append(args[-2]) or real(*args))
+    run = lambda: ties(base, [first, second], [1.0, 1.0], [1.0, 1.0], compat="paper")  # noqa: E731
+    got = run() if native_kernels else _torch_only(run, monkeypatch)
+    assert torch.equal(got[cancelled], -a[cancelled])  # γ = −1 there: the negative entry is the agreeing one
+    assert torch.equal(got[~cancelled], -3 * a[~cancelled])
+    if native_kernels:  # four chunks with γ = +1, then the four again (each holds a cancellation) with γ = −1
+        assert redone == [1.0] * 4 + [-1.0] * 4
+
+
 @pytest.mark.parametrize("weights,normalize", [([1.0, 1.0, 1.0], False), ([0.5, 0.3, 0.9], True),
                                                ([1.0, -1.0, 0.0], True)])
 def test_task_arithmetic_native_is_bitwise_the_torch_result(weights, normalize, lib, monkeypatch):

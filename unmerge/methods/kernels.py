@@ -144,7 +144,7 @@ class Kth:
     value: float
     greater: int
     equal: int
-    per_chunk: tuple[int, ...] | None = None  # the equal entries in each chunk (of ``chunk`` elements), when known
+    parts: tuple[Tensor, ...] | None = None  # the |τ| that may equal it, one part per chunk of ``chunk`` elements
     chunk: int = 0
     finite: bool = False  # every |τ| was seen finite on the way (which proves θ₀ and θ_t finite)
 
@@ -176,9 +176,19 @@ def sample_bracket(sample: Tensor, rank: float, floor_value: float) -> tuple[flo
 
 
 def _direct(a: Tensor, k: int, chunk: int = 0) -> Kth:
-    v = kth_smallest(a, [a.numel() - k + 1])[0]
-    equal = int(torch.count_nonzero(a == v))
-    return Kth(v, int(torch.count_nonzero(a > v)), equal, (equal,) if a.numel() <= chunk else None, chunk)
+    """The k-th largest of a 1-D tensor with its counts; on the CPU (not bfloat16) counted on numpy's partitioned
+    copy: the entries after the selected one are ≥ it, those before ≤ it, so each side needs one comparison (a NaN,
+    which numpy orders last, counts as greater)."""
+    parts = (a,) if a.numel() <= chunk else None
+    if a.device.type != "cpu" or a.dtype == torch.bfloat16:
+        v = kth_smallest(a, [a.numel() - k + 1])[0]
+        return Kth(v, int(torch.count_nonzero(a > v)), int(torch.count_nonzero(a == v)), parts, chunk)
+    position = a.numel() - k
+    ordered = np.partition(a.detach().numpy(), position)
+    v = ordered[position]
+    equal_above = int(np.count_nonzero(ordered[position + 1:] == v))
+    equal = equal_above + 1 + int(np.count_nonzero(ordered[:position] == v))
+    return Kth(float(v), k - 1 - equal_above, equal, parts, chunk)
 
 
 @functools.lru_cache(maxsize=16)
@@ -249,8 +259,7 @@ def kth_largest_abs(base: Tensor, models: list[Tensor], ks: list[int]) -> list[K
             return _exact(b, ms[i], ks[i])
         if need <= values.numel():
             found = _direct(values, need)
-            per_chunk = tuple(int(torch.count_nonzero(part == found.value)) for part in inside[i])
-            return Kth(found.value, above[i] + found.greater, found.equal, per_chunk, chunk, finite[i])
+            return Kth(found.value, above[i] + found.greater, found.equal, tuple(inside[i]), chunk, finite[i])
         # at or below the bracket's low end: usually a mass of equal magnitudes there (zeros)
         low = brackets[i][0]
         at_low = _count_equal(b, ms[i], low)

@@ -175,31 +175,27 @@ int um_sum_combine(const float *b, const float *const *ms, int n_models, const f
  *   s_j = trimmed (weighted by w_j when weighted_sign), gamma = sgn(sum_j s_j), or zero_sign where the sum is 0,
  *   z_j = relu(gamma s_j), count = sum_j [z_j > 0] (* w_j when weighted_divisor), agree = sum_j z_j (* w_j when not
  *   weighted_sign), out = b + lam * gamma * agree [/ count clamped: to FLT_MIN, or 1 where 0 with one_if_zero].
- * Returns sum_j sgn(sum) over the chunk; *tie_mass gets the agreeing mass where the sum is 0, *finite 1 when every
- * output is finite. */
+ * With tie_break, returns sum_j sgn(sum) over the chunk and sets *tied to how many positions have sum 0 and
+ * agree != 0 (the paper's tie-break needs both); without, returns 0 and sets *tied to 0: no reduction runs (a float
+ * sum would be one serial chain through every element). *finite gets 1 when every output is finite. */
 int64_t um_ties_combine(const float *b, const float *const *ms, int n_models, const float *t, const float *f,
                         const float *tie, int64_t *quota, const float *w, int weighted_sign, int weighted_divisor,
-                        int normalize, int one_if_zero, float lam, float zero_sign, float *out, int64_t n,
-                        double *tie_mass, int *finite) {
+                        int normalize, int one_if_zero, int tie_break, float lam, float zero_sign, float *out,
+                        int64_t n, int64_t *tied, int *finite) {
     float s[n_models][BLOCK];
     float total[BLOCK], gamma[BLOCK], agree[BLOCK], count[BLOCK];
-    int64_t sign_sum = 0;
+    int64_t sign_sum = 0, tied_sum = 0;
     int ok = 1;
-    double mass = 0.0;
     for (int64_t start = 0; start < n; start += BLOCK) {
         const int len = n - start < BLOCK ? (int)(n - start) : BLOCK;
         trimmed(ms, b, start, len, n_models, t, f, w, weighted_sign, tie, quota, s);
         for (int i = 0; i < len; i++) total[i] = s[0][i];
         for (int j = 1; j < n_models; j++)
             for (int i = 0; i < len; i++) total[i] += s[j][i];
-        int signs = 0;
         for (int i = 0; i < len; i++) {
-            const int sign = (total[i] > 0) - (total[i] < 0);
-            const float as_float = (float)sign;
-            signs += sign;
-            gamma[i] = as_float != 0 ? as_float : zero_sign;
+            const float sign = (float)((total[i] > 0) - (total[i] < 0));
+            gamma[i] = sign != 0 ? sign : zero_sign;
         }
-        sign_sum += signs;
         for (int j = 0; j < n_models; j++) {
             const float wd = weighted_divisor ? w[j] : 1.0f, wz = weighted_sign ? 1.0f : w[j];
             const float *sj = s[j];
@@ -211,9 +207,15 @@ int64_t um_ties_combine(const float *b, const float *const *ms, int n_models, co
                 agree[i] = j == 0 ? z * wz : agree[i] + z * wz;
             }
         }
-        float block_mass = 0.0f;
-        for (int i = 0; i < len; i++) block_mass += total[i] == 0 ? agree[i] : 0.0f;
-        mass += block_mass;
+        if (tie_break) {
+            int signs = 0, at_zero = 0;
+            for (int i = 0; i < len; i++) {
+                signs += (total[i] > 0) - (total[i] < 0);
+                at_zero += (total[i] == 0) & (agree[i] != 0);
+            }
+            sign_sum += signs;
+            tied_sum += at_zero;
+        }
         float *o = out + start;
         const float *bb = b + start;
         if (!normalize) {
@@ -231,7 +233,7 @@ int64_t um_ties_combine(const float *b, const float *const *ms, int n_models, co
         }
         ok &= finite_block(o, len);
     }
-    *tie_mass = mass;
+    *tied = tied_sum;
     *finite = ok;
     return sign_sum;
 }

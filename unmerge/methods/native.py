@@ -89,7 +89,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
                                    _f32, _f32, _pointer, _i64]
     lib.um_ties_combine.restype = _i64
     lib.um_ties_combine.argtypes = [_pointer, _pointer, _int, _pointer, _pointer, _pointer, _pointer, _pointer, _int,
-                                    _int, _int, _int, _f32, _f32, _pointer, _i64, _pointer, _pointer]
+                                    _int, _int, _int, _int, _f32, _f32, _pointer, _i64, _pointer, _pointer]
     lib.um_all_finite.restype = _int
     lib.um_all_finite.argtypes = [_pointer, _i64]
     return lib
@@ -189,13 +189,14 @@ def sum_combine(b: Tensor, models: list[Tensor], trim: Trim, weights: list[float
 
 
 def ties_combine(b: Tensor, models: list[Tensor], trim: Trim, weights: list[float], weighted_sign: bool,
-                 weighted_divisor: bool, normalize: bool, one_if_zero: bool, lam: float, zero_sign: float,
-                 out: Tensor) -> tuple[float, float, bool]:
-    """The TIES combine of ``_combine_chunk`` on trim_t(m_t − b) over one chunk; returns (Σ sgn Σ_t s_t, the
-    agreeing mass where Σ_t s_t = 0, whether every output value is finite)."""
-    mass, finite = ctypes.c_double(), _int()
+                 weighted_divisor: bool, normalize: bool, one_if_zero: bool, tie_break: bool, lam: float,
+                 zero_sign: float, out: Tensor) -> tuple[int, int, bool]:
+    """The TIES combine of ``_combine_chunk`` on trim_t(m_t − b) over one chunk; returns (Σ sgn Σ_t s_t, how many
+    positions have Σ_t s_t = 0 and a nonzero agreeing sum; both 0 without ``tie_break``, whether every output value
+    is finite)."""
+    tied, finite = _i64(), _int()
     signs = library().um_ties_combine(b.data_ptr(), _pointers(models), len(models), *trim.arrays(), _floats(weights),
                                       int(weighted_sign), int(weighted_divisor), int(normalize), int(one_if_zero),
-                                      lam, zero_sign, out.data_ptr(), b.numel(), ctypes.byref(mass),
+                                      int(tie_break), lam, zero_sign, out.data_ptr(), b.numel(), ctypes.byref(tied),
                                       ctypes.byref(finite))
-    return float(signs), mass.value, bool(finite.value)
+    return int(signs), int(tied.value), bool(finite.value)

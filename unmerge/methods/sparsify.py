@@ -107,13 +107,14 @@ CONVENTIONS: dict[str, Convention] = {
 
 # ---------------------------------------------------------------------------------------------------- streamed combine
 def _combine_chunk(base: Tensor, ys: list[Tensor], weights: list[float], how: str, lam: float, conv: Convention,
-                   normalize: bool, divisor: float, out: Tensor, zero_sign: float) -> tuple[float, float]:
+                   normalize: bool, divisor: float, out: Tensor, zero_sign: float) -> tuple[int, int]:
     """One chunk of θ = θ₀ + λ·(combined τ̂) into ``out``; ``ys`` are the sparsified τ̂ chunks (modified in place).
 
     TIES in float ops only (comparisons to bool and ``where`` cost several times more on the CPU): with s_t the sign
     variable (w_t τ̂_t, or τ̂_t for peft) and γ = ±1, z_t = relu(γ s_t) is |s_t| where s_t agrees with γ and 0
     elsewhere, sign(z_t) is the agreement a_t, and the agreeing sum is γ Σ_t z_t. Where Σ_t s_t = 0, γ is
-    ``zero_sign``. Returns (Σ sgn(Σ_t s_t), the agreeing mass at Σ_t s_t = 0) for the paper's tie-break.
+    ``zero_sign``. For the paper's tie-break (``conv.zero_to_majority``) returns (Σ sgn(Σ_t s_t), how many positions
+    have Σ_t s_t = 0 and a nonzero agreeing sum), else (0, 0).
     """
     if how != "ties":
         acc = None
@@ -126,7 +127,7 @@ def _combine_chunk(base: Tensor, ys: list[Tensor], weights: list[float], how: st
         if lam != 1:
             acc.mul_(lam)
         torch.add(base, acc, out=out)
-        return 0.0, 0.0
+        return 0, 0
     signed = [y.mul_(w) if conv.weighted_sign and w != 1 else y for y, w in zip(ys, weights)]
     total = signed[0] if len(signed) == 1 else torch.add(signed[0], signed[1])
     for s in signed[2:]:
@@ -143,11 +144,10 @@ def _combine_chunk(base: Tensor, ys: list[Tensor], weights: list[float], how: st
         if not conv.weighted_sign and w != 1:
             z.mul_(w)
         agreeing = z if agreeing is None else agreeing.add_(z)
-    sign_sum = tie_mass = 0.0
+    sign_sum = tied = 0
     if conv.zero_to_majority:
-        sign_sum = float(total_sign.sum())
-        if zero_sign > 0:
-            tie_mass = float(torch.mul(total_sign.abs_().neg_().add_(1), agreeing).sum())
+        sign_sum = int(total_sign.sum())
+        tied = int(torch.count_nonzero((total_sign == 0) & (agreeing != 0)))
     agreeing.mul_(gamma)
     if normalize:
         if not conv.weighted_divisor or min(weights) > 1e-30:
@@ -158,7 +158,7 @@ def _combine_chunk(base: Tensor, ys: list[Tensor], weights: list[float], how: st
     if lam != 1:
         agreeing.mul_(lam)
     torch.add(base, agreeing, out=out)
-    return sign_sum, tie_mass
+    return sign_sum, tied
 
 
 def stream_combine(base: Tensor, taus: Callable[[int, int, int], Tensor], sparsifiers: list[Sparsifier],
@@ -188,14 +188,14 @@ def stream_combine(base: Tensor, taus: Callable[[int, int, int], Tensor], sparsi
     if ms and all(isinstance(r, Shrink) for r in sparsifiers) and native.usable(b, out, *ms):
         one_if_zero = conv.weighted_divisor and not min(weights) > 1e-30
 
-        def run(s: int, e: int, zero_sign: float = 1.0) -> tuple[float, float, bool]:
+        def run(s: int, e: int, zero_sign: float = 1.0) -> tuple[int, int, bool]:
             chunks, trim = [m[s:e] for m in ms], _native_trim(sparsifiers, s)
             if how != "ties":
-                return 0.0, 0.0, native.sum_combine(b[s:e], chunks, trim, weights, normalize, divisor, lam, out[s:e])
+                return 0, 0, native.sum_combine(b[s:e], chunks, trim, weights, normalize, divisor, lam, out[s:e])
             return native.ties_combine(b[s:e], chunks, trim, weights, conv.weighted_sign, conv.weighted_divisor,
-                                       normalize, one_if_zero, lam, zero_sign, out[s:e])
+                                       normalize, one_if_zero, conv.zero_to_majority, lam, zero_sign, out[s:e])
     else:
-        def run(s: int, e: int, zero_sign: float = 1.0) -> tuple[float, float, bool]:
+        def run(s: int, e: int, zero_sign: float = 1.0) -> tuple[int, int, bool]:
             ys = [sparsify(taus(i, s, e), s, e) for i, sparsify in enumerate(sparsifiers)]
             return (*_combine_chunk(b[s:e], ys, weights, how, lam, conv, normalize, divisor, out[s:e], zero_sign),
                     False)
@@ -279,8 +279,13 @@ def _native_trim(sparsifiers: list[Sparsifier], start: int) -> native.Trim:
                        [r.tie for r in sparsifiers], quotas)
 
 
-def _count_per_chunk(b: Tensor, m: Tensor, value: float, chunk: int) -> list[int]:
-    return map_chunks(lambda s, e: int(torch.count_nonzero((m[s:e] - b[s:e]).abs_() == value)), b.numel(), b, chunk)
+def _tied_per_chunk(kth: Kth, b: Tensor, m: Tensor, chunk: int) -> list[int]:
+    """How many |m − b| equal ``kth.value`` in each chunk: from the selection's kept parts when they are per chunk
+    of this size, else by a pass over the tensor."""
+    if kth.parts is not None and kth.chunk == chunk:
+        return [int(torch.count_nonzero(part == kth.value)) for part in kth.parts]
+    return map_chunks(lambda s, e: int(torch.count_nonzero((m[s:e] - b[s:e]).abs_() == kth.value)), b.numel(), b,
+                      chunk)
 
 
 def _quotas(counts: list[int], keep: int, from_end: bool, chunk: int) -> dict[int, int]:
@@ -341,9 +346,8 @@ def _exact_rule(b: Tensor, m: Tensor, kth: Kth, k: int, exact: bool, chunk: int)
         return Shrink(below(kth.value, b.dtype), finite=kth.finite)
     if kth.value == 0:  # the kept zeros change nothing
         return Shrink(0.0, finite=kth.finite)
-    counts = list(kth.per_chunk) if kth.per_chunk is not None and kth.chunk == chunk else \
-        _count_per_chunk(b, m, kth.value, chunk)
-    return Shrink(below(kth.value, b.dtype), kth.value, _quotas(counts, k - kth.greater, False, chunk),
+    return Shrink(below(kth.value, b.dtype), kth.value,
+                  _quotas(_tied_per_chunk(kth, b, m, chunk), k - kth.greater, False, chunk),
                   finite=kth.finite)
 
 
@@ -513,17 +517,12 @@ def breadcrumbs_rule(base: Tensor, model: Tensor, density: float, gamma: float, 
     top = found.pop(0) if n_top > 0 else None
     bottom = found.pop(0) if n_bottom > 0 else None
     top_quota = bottom_quota = None
-    def tied(kth: Kth) -> list[int]:
-        if kth.per_chunk is not None and kth.chunk == chunk:
-            return list(kth.per_chunk)
-        return _count_per_chunk(b, m, kth.value, chunk)
-
     if top is not None and top.greater + top.equal > n_top:  # drop the last (n_top − greater) of the tied
-        top_quota = _quotas(tied(top), n_top - top.greater, True, chunk)
+        top_quota = _quotas(_tied_per_chunk(top, b, m, chunk), n_top - top.greater, True, chunk)
     if bottom is not None:
         less = n - bottom.greater - bottom.equal
         if less + bottom.equal > n_bottom:  # drop the first (n_bottom − less) of the tied
-            bottom_quota = _quotas(tied(bottom), n_bottom - less, False, chunk)
+            bottom_quota = _quotas(_tied_per_chunk(bottom, b, m, chunk), n_bottom - less, False, chunk)
 
     def apply(tau: Tensor, s: int, e: int) -> Tensor:
         mag = tau.abs()
